@@ -1,0 +1,17 @@
+"""orthotorch: orthogonalized optimizers and orthogonality tools for PyTorch."""
+
+from . import functional, linalg
+from ._version import __version__
+from .optim import Muon, OrthogonalOptimizer
+from .routing import describe, param_groups, route_parameters
+
+__all__ = [
+    "Muon",
+    "OrthogonalOptimizer",
+    "__version__",
+    "describe",
+    "functional",
+    "linalg",
+    "param_groups",
+    "route_parameters",
+]

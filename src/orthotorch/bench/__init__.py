@@ -1,0 +1,1 @@
+"""Benchmarks and optimizer comparisons (``orthotorch compare`` / ``orthotorch bench``)."""

@@ -1,0 +1,29 @@
+"""Pure tensor functions behind the optimizers: lists of tensors in, no ``Optimizer`` state."""
+
+from .adamw import adamw_step_
+from .muon import (
+    ADJUST_LR_CHOICES,
+    Bucket,
+    apply_buckets_,
+    bucket_by_shape,
+    matrix_shape,
+    nesterov_momentum_,
+    orthogonalize_buckets,
+    shape_scale,
+)
+from .rules import available_update_rules, get_update_rule, register_update_rule
+
+__all__ = [
+    "ADJUST_LR_CHOICES",
+    "Bucket",
+    "adamw_step_",
+    "apply_buckets_",
+    "available_update_rules",
+    "bucket_by_shape",
+    "get_update_rule",
+    "matrix_shape",
+    "nesterov_momentum_",
+    "orthogonalize_buckets",
+    "register_update_rule",
+    "shape_scale",
+]

@@ -1,0 +1,51 @@
+"""AdamW on lists of tensors (the update for every ``"adamw"`` group).
+
+.. math::
+
+    m_t = \\beta_1 m_{t-1} + (1 - \\beta_1) g_t, \\quad
+    v_t = \\beta_2 v_{t-1} + (1 - \\beta_2) g_t^2, \\\\
+    \\theta_t = (1 - \\eta\\lambda)\\theta_{t-1}
+        - \\frac{\\eta}{1 - \\beta_1^t} \\frac{m_t}{\\sqrt{v_t / (1 - \\beta_2^t)} + \\epsilon}
+
+The same arithmetic, in the same order, as ``torch.optim.AdamW`` (Loshchilov & Hutter, 2019),
+so that a group routed here reproduces it (tests/test_functional.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def adamw_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step, in place on ``params``, moments and step counters (CPU scalar tensors)."""
+    if not params:
+        return
+    torch._foreach_add_(steps, 1)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    # Step counters live on the CPU (as in torch.optim), so reading them is not a device sync.
+    counts = [float(s) for s in steps]
+    step_sizes = [-lr / (1 - beta1**t) for t in counts]
+    bias_correction2_sqrt = [math.sqrt(1 - beta2**t) for t in counts]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)

@@ -1,0 +1,6 @@
+"""Optimizer classes: thin wrappers that validate, gather state, and call ``functional``."""
+
+from ._base import OrthogonalOptimizer
+from .muon import Muon
+
+__all__ = ["Muon", "OrthogonalOptimizer"]

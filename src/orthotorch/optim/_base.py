@@ -1,0 +1,255 @@
+"""The step skeleton every orthotorch optimizer shares.
+
+``step()`` gathers each group's gradients, checks them all for NaN/Inf at once (one host sync
+per device, before anything is modified), then routes each group by its ``"algorithm"`` key:
+
+- ``"adamw"`` groups: :func:`orthotorch.functional.adamw_step_` (embeddings, head, 1-D).
+- the optimizer's own algorithm: momentum -> direction -> scale -> apply, where a subclass
+  supplies the pieces that differ (:meth:`_init_state`, :meth:`_momentum`, :meth:`_direction`,
+  :meth:`_scale`) and never copies the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..functional import Bucket, adamw_step_, apply_buckets_, get_update_rule
+
+__all__ = ["OrthogonalOptimizer"]
+
+ADAMW = "adamw"
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_range(
+    group_label: str, name: str, value: Any, lo: float, hi: float, *, lo_open=False, hi_open=True
+) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a number in the given interval."""
+    ok = _is_number(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ValueError(f"{group_label}: {name} must be a number in {left}{lo}, {hi}{right}, got {value!r}")
+
+
+class OrthogonalOptimizer(Optimizer):
+    """Base class: shared validation, routing, AdamW groups and the step skeleton.
+
+    Subclasses set :attr:`algorithm` and implement :meth:`_init_state`, :meth:`_momentum`,
+    :meth:`_scale` and, where the direction is not a registered update rule,
+    :meth:`_direction`.
+
+    Args:
+        params: tensors, ``(name, tensor)`` pairs, or group dicts (see
+            :func:`orthotorch.param_groups`). A group with ``"algorithm": "adamw"`` is updated
+            with AdamW using its own ``lr``, ``betas``, ``eps`` and ``weight_decay``.
+        defaults: the subclass's hyperparameters.
+        adamw_lr: default ``lr`` of ``"adamw"`` groups that do not set one (``None``: ``lr``).
+        check_finite: check all gradients for NaN/Inf before each step and raise ``ValueError``
+            naming the parameter, leaving parameters and state untouched. Costs one host sync
+            per step and device; disable only when something upstream (e.g. ``GradScaler``)
+            already skips non-finite steps.
+    """
+
+    algorithm: ClassVar[str] = "orthogonal"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        adamw_lr: float | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        if adamw_lr is not None:
+            check_range(type(self).__name__, "adamw_lr", adamw_lr, 0.0, math.inf)
+        self._adamw_lr = adamw_lr
+        self.check_finite = bool(check_finite)
+        super().__init__(params, {**defaults, "algorithm": self.algorithm})
+
+    # ------------------------------------------------------------------ groups and validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if (
+            isinstance(param_group, dict)
+            and param_group.get("algorithm") == ADAMW
+            and "lr" not in param_group
+            and self._adamw_lr is not None
+        ):
+            param_group = {**param_group, "lr": self._adamw_lr}
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            self._validate_group(self.param_groups[index], index)
+        except Exception:
+            # A rejected group must leave the optimizer exactly as it was.
+            self.param_groups.pop()
+            raise
+
+    def _group_label(self, group: Mapping[str, Any], index: int) -> str:
+        return f"{type(self).__name__} param group {index} (algorithm={group['algorithm']!r})"
+
+    def _param_label(self, group: Mapping[str, Any], i: int) -> str:
+        names = group.get("param_names")
+        return repr(names[i]) if names else f"params[{i}]"
+
+    def _validate_group(self, group: dict[str, Any], index: int) -> None:
+        algorithm = group["algorithm"]
+        if algorithm not in (self.algorithm, ADAMW):
+            raise ValueError(
+                f"{type(self).__name__} param group {index}: algorithm must be "
+                f"{self.algorithm!r} or {ADAMW!r}, got {algorithm!r}"
+            )
+        label = self._group_label(group, index)
+        check_range(label, "lr", group["lr"], 0.0, math.inf)
+        check_range(label, "weight_decay", group["weight_decay"], 0.0, math.inf)
+        for i, p in enumerate(group["params"]):
+            if p.is_complex() or not p.is_floating_point():
+                raise ValueError(
+                    f"{label}: parameter {self._param_label(group, i)} has dtype {p.dtype}; "
+                    "only real floating-point parameters are supported"
+                )
+        if algorithm == ADAMW:
+            betas = group["betas"]
+            if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+                raise ValueError(f"{label}: betas must be a pair (beta1, beta2), got {betas!r}")
+            check_range(label, "betas[0]", betas[0], 0.0, 1.0)
+            check_range(label, "betas[1]", betas[1], 0.0, 1.0)
+            check_range(label, "eps", group["eps"], 0.0, math.inf, lo_open=True)
+            return
+        for i, p in enumerate(group["params"]):
+            if p.ndim < 2:
+                raise ValueError(
+                    f"{label}: parameter {self._param_label(group, i)} has shape "
+                    f"{tuple(p.shape)}, but orthogonalized groups take only 2-D or larger "
+                    "weights. Put biases, norms and other 1-D parameters in an 'adamw' group, "
+                    "e.g. with orthotorch.param_groups(model)."
+                )
+        self._validate_orthogonal_group(group, label)
+
+    def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
+        """Subclass hook: check the algorithm's own hyperparameters (raise ``ValueError``)."""
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        gathered = []
+        for index, group in enumerate(self.param_groups):
+            params, grads = [], []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(
+                        f"{self._group_label(group, index)}: parameter "
+                        f"{self._param_label(group, i)} has a sparse gradient, which is not "
+                        "supported (use a dense nn.Embedding)"
+                    )
+                params.append(p)
+                grads.append(p.grad)
+            gathered.append((group, params, grads))
+        if self.check_finite:
+            self._check_finite(gathered)
+        for group, params, grads in gathered:
+            if not params:
+                continue
+            if group["algorithm"] == ADAMW:
+                self._adamw_group(group, params, grads)
+            else:
+                self._orthogonal_group(group, params, grads)
+        return loss
+
+    def _check_finite(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for _, _, grads in gathered:
+            for g in grads:
+                by_device.setdefault(g.device, []).append(g)
+        bad = False
+        for grads in by_device.values():
+            # Max-abs is finite exactly when every entry is; it cannot overflow like a 2-norm.
+            peaks = torch._foreach_norm(grads, math.inf)
+            bad |= not bool(torch.stack([t.float() for t in peaks]).isfinite().all())
+        if not bad:
+            return
+        for index, (group, params, grads) in enumerate(gathered):
+            for p, g in zip(params, grads, strict=True):
+                if not bool(torch.isfinite(g).all()):
+                    i = next(j for j, q in enumerate(group["params"]) if q is p)
+                    raise ValueError(
+                        f"{self._group_label(group, index)}: the gradient of parameter "
+                        f"{self._param_label(group, i)} (shape {tuple(p.shape)}) contains NaN "
+                        "or Inf; no parameter or optimizer state was changed. Look for an "
+                        "overflowing loss, or lower the learning rate / clip gradients."
+                    )
+
+    def _adamw_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]) -> None:
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        beta1, beta2 = group["betas"]
+        adamw_step_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
+
+    def _orthogonal_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        states = [self.state[p] for p in params]
+        self._init_state(group, params, states)
+        momenta = self._momentum(group, grads, states)
+        buckets = self._direction(group, momenta, states)
+        scales = [self._scale(group, b.shape) for b in buckets]
+        apply_buckets_(
+            params, buckets, lr=group["lr"], weight_decay=group["weight_decay"], scales=scales
+        )
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _init_state(
+        self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        raise NotImplementedError
+
+    def _momentum(
+        self, group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _direction(
+        self, group: dict[str, Any], momenta: list[Tensor], states: list[dict[str, Any]]
+    ) -> list[Bucket]:
+        """Default: the group's registered update rule (``group["update"]``)."""
+        return get_update_rule(group["update"])(momenta, group)
+
+    def _scale(self, group: dict[str, Any], shape: tuple[int, int]) -> float:
+        raise NotImplementedError
