@@ -39,8 +39,12 @@ def reference_named_parameters(
             hidden.append((f"layers.{layer}.attn.{name}", make(WIDTH, WIDTH)))
         hidden.append((f"layers.{layer}.mlp.up", make(4 * WIDTH, WIDTH)))
         hidden.append((f"layers.{layer}.mlp.down", make(WIDTH, 4 * WIDTH)))
-        adamw.append((f"layers.{layer}.norm1", nn.Parameter(torch.ones(WIDTH, device=device, dtype=dtype))))
-        adamw.append((f"layers.{layer}.norm2", nn.Parameter(torch.ones(WIDTH, device=device, dtype=dtype))))
+        adamw.append(
+            (f"layers.{layer}.norm1", nn.Parameter(torch.ones(WIDTH, device=device, dtype=dtype)))
+        )
+        adamw.append(
+            (f"layers.{layer}.norm2", nn.Parameter(torch.ones(WIDTH, device=device, dtype=dtype)))
+        )
     adamw.append(("embedding", make(VOCAB, WIDTH)))
     adamw.append(("head", make(VOCAB, WIDTH)))
     adamw.append(("final_norm", nn.Parameter(torch.ones(WIDTH, device=device, dtype=dtype))))

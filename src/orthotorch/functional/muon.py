@@ -23,7 +23,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..linalg import orthogonalize_unchecked
 from ..linalg.registry import OrthogonalizationMethod
 
 AdjustLR = Literal["original", "match_rms_adamw"]
@@ -63,22 +62,31 @@ def shape_scale(shape: tuple[int, int], adjust_lr: str) -> float:
 
 @dataclass
 class Bucket:
-    """Same-shape matrices of one group, stacked as ``X`` (batch, rows, cols) for one batched call.
+    """Same-shape matrices of one group, stacked for one batched call.
 
-    ``index`` maps batch entries back to positions in the group's parameter list.
+    ``X`` is ``(batch, min(shape), max(shape))``: tall matrices are stored transposed, so every
+    kernel sees wide, contiguous matrices. ``index`` maps batch entries back to positions in the
+    group's parameter list; ``shape`` is the (flattened) parameter matrix shape.
     """
 
     shape: tuple[int, int]
     index: list[int]
     X: Tensor
 
+    @property
+    def transposed(self) -> bool:
+        return self.shape[0] > self.shape[1]
 
-def bucket_by_shape(
-    updates: list[Tensor], compute_dtype: torch.dtype
-) -> list[Bucket]:
-    """Stack same-(flattened)-shape updates into one compute-dtype tensor per shape.
+    def directions(self) -> list[Tensor]:
+        """The per-matrix results in parameter orientation (views into ``X``)."""
+        return [x.mT if self.transposed else x for x in self.X.unbind(0)]
 
-    The copy into the stack does the dtype conversion too, so each update is read once.
+
+def bucket_by_shape(updates: list[Tensor], compute_dtype: torch.dtype) -> list[Bucket]:
+    """Stack same-(flattened)-shape updates into one wide compute-dtype tensor per shape.
+
+    The copy into the stack does the dtype conversion and the transposition of tall matrices
+    too, so each update is read once.
     """
     positions: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, u in enumerate(updates):
@@ -86,9 +94,11 @@ def bucket_by_shape(
     buckets = []
     for shape, index in positions.items():
         first = updates[index[0]]
-        X = torch.empty((len(index), *shape), dtype=compute_dtype, device=first.device)
+        wide = (min(shape), max(shape))
+        X = torch.empty((len(index), *wide), dtype=compute_dtype, device=first.device)
         for j, i in enumerate(index):
-            X[j].copy_(updates[i].reshape(shape))
+            u = updates[i].reshape(shape)
+            X[j].copy_(u.mT if shape[0] > shape[1] else u)
         buckets.append(Bucket(shape, index, X))
     return buckets
 
@@ -98,7 +108,7 @@ def orthogonalize_buckets(
 ) -> list[Bucket]:
     """Replace each bucket's stack by its polar-factor approximation (one batched call each)."""
     for b in buckets:
-        b.X = orthogonalize_unchecked(b.X, spec, steps, b.X.dtype)
+        b.X = spec.iterate(b.X, steps)
     return buckets
 
 
@@ -115,6 +125,5 @@ def apply_buckets_(
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     for b, scale in zip(buckets, scales, strict=True):
         targets = [params[i] for i in b.index]
-        directions = [u.view_as(t) if u.is_contiguous() else u.reshape(t.shape)
-                      for u, t in zip(b.X.unbind(0), targets, strict=True)]
+        directions = [d.reshape(t.shape) for d, t in zip(b.directions(), targets, strict=True)]
         torch._foreach_add_(targets, directions, alpha=-lr * scale)

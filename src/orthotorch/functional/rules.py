@@ -44,7 +44,7 @@ def get_update_rule(name: str) -> UpdateRule:
 
 
 def spectral_rule(updates: list[Tensor], group: Mapping[str, Any]) -> list[Bucket]:
-    """Two-sided orthogonalization ``polar(M)`` with the group's ``ns_method``/``ns_steps``/``ns_dtype``.
+    """Two-sided orthogonalization ``polar(M)`` (uses ``ns_method``, ``ns_steps``, ``ns_dtype``).
 
     Equivariant under ``M -> P M Q`` for orthogonal ``P``, ``Q``: ``polar(P M Q) = P polar(M) Q``.
     """

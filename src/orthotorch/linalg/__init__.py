@@ -86,7 +86,8 @@ def orthogonalize_unchecked(
     tall = G.shape[-2] > G.shape[-1]
     X = G.mT if tall else G
     lead = X.shape[:-2]
-    X = X.to(compute).reshape(-1, *X.shape[-2:])
+    # One pass converts the dtype and makes the (possibly transposed) input contiguous.
+    X = X.to(compute, memory_format=torch.contiguous_format).reshape(-1, *X.shape[-2:])
     Y = spec.iterate(X, steps).reshape(*lead, *X.shape[-2:])
     if tall:
         Y = Y.mT

@@ -84,21 +84,39 @@ def newton_schulz(
         eps: keeps a zero matrix at zero instead of NaN.
 
     Returns:
-        A new tensor of the same shape and dtype; ``X`` is not modified.
+        A new contiguous tensor of the same shape and dtype; ``X`` is not modified.
     """
     if X.shape[-2] > X.shape[-1]:
-        raise ValueError(f"newton_schulz expects wide matrices (rows <= cols), got {tuple(X.shape)}")
-    squeeze = X.ndim == 2
-    if squeeze:
-        X = X.unsqueeze(0)
+        raise ValueError(
+            f"newton_schulz expects wide matrices (rows <= cols), got {tuple(X.shape)}"
+        )
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-    X = X / (norm * norm_scale + eps)
+    X = (X / (norm * norm_scale + eps)).contiguous()
+    if X.ndim == 2:
+        return _newton_schulz_2d(X, coefficients)
+    if X.device.type == "cpu":
+        # On CPU a loop of 2-D GEMMs beats one bmm (measured 84 vs 115 ms for 16 bf16 512x512
+        # matrices, 5 steps: the 2-D path reaches oneDNN's bf16 kernels, bmm does not), so
+        # batching pays off only on accelerators.
+        for i in range(X.shape[0]):
+            X[i] = _newton_schulz_2d(X[i], coefficients)
+        return X
     for a, b, c in coefficients:
         A = torch.bmm(X, X.mT)
-        # B = b A + c A^2, then X = a X + B X: two fused multiply-adds, no temporaries for the sums.
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
-    return X.squeeze(0) if squeeze else X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
+    return X
+
+
+def _newton_schulz_2d(X: Tensor, coefficients: Sequence[Coefficients]) -> Tensor:
+    for a, b, c in coefficients:
+        A = X @ X.T
+        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        # a X + B X fused in one addmm: a separate mm + add_ is ~5% faster on CPU but rounds
+        # B X to bf16 before the sum, which measurably hurts (2.6% vs 1.7% error against the
+        # float64 iteration on a 16x64 input).
+        X = torch.addmm(X, B, X, beta=a)
+    return X
 
 
 def iterate_scalar(x: Tensor, coefficients: Sequence[Coefficients]) -> Tensor:

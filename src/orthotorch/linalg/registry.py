@@ -161,7 +161,7 @@ register_method(
         band_from=1e-3,
         norm_scale=1.02,
         eps=1e-6,
-        description="per-step minimax quintics (Polar Express); most accurate at 5 steps",
+        description="per-step minimax quintics (Polar Express); best on small singular values",
     )
 )
 register_method(
@@ -181,8 +181,9 @@ register_method(
         default_steps=None,
         default_dtype=torch.float32,
         dtypes=(torch.float32, torch.float64),
-        band=(1.0, 1.0),
-        band_from=0.0,
+        band=(1 - 1e-5, 1 + 1e-5),  # float32 rounding
+        # Directions below max(m, n) * eps of the largest are numerically zero and map to zero.
+        band_from=1e-4,
         description="exact U V^T from torch.linalg.svd (reference; slow)",
     )
 )

@@ -127,5 +127,3 @@ class Muon(OrthogonalOptimizer):
 
     def _scale(self, group: dict[str, Any], shape: tuple[int, int]) -> float:
         return shape_scale(shape, group["adjust_lr"])
-
-

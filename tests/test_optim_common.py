@@ -1,0 +1,188 @@
+"""Conformance checks every optimizer in optim_db.OPTIMIZERS must pass."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import orthotorch
+from optim_db import OPTIMIZERS, OptimizerInfo
+
+ids = [info.name for info in OPTIMIZERS]
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 6 * 6, 32),
+        nn.LayerNorm(32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 1, 8, 8, generator=gen)
+    y = torch.randint(0, 10, (64,), generator=gen)
+    return x, y
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, start: int = 0) -> list[float]:
+    losses = []
+    for t in range(start, start + steps):
+        x, y = batch(t % 4)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def make(info: OptimizerInfo, model: nn.Module, **overrides):
+    return info.cls(orthotorch.param_groups(model), **{**info.kwargs, **overrides})
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_loss_goes_down(info: OptimizerInfo) -> None:
+    model = small_cnn()
+    losses = train(model, make(info, model), 60)
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_resume_from_checkpoint_is_bitwise_equal(info: OptimizerInfo) -> None:
+    model = small_cnn()
+    opt = make(info, model)
+    train(model, opt, 5)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    train(model, opt, 5, start=5)
+    reference = [p.detach().clone() for p in model.parameters()]
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    resumed = small_cnn()
+    resumed.load_state_dict(saved["model"])
+    opt2 = make(info, resumed)
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, 5, start=5)
+    for a, b in zip(reference, resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_dtype_is_kept(info: OptimizerInfo) -> None:
+    model = small_cnn().to(torch.bfloat16)
+    opt = make(info, model)
+    x, y = batch()
+    nn.functional.cross_entropy(model(x.bfloat16()), y).backward()
+    opt.step()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    for state in opt.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.ndim > 0:
+                assert value.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+@pytest.mark.parametrize("where", [0, -1], ids=["hidden", "adamw"])
+def test_non_finite_gradient_raises_and_changes_nothing(info: OptimizerInfo, where: int) -> None:
+    model = small_cnn()
+    opt = make(info, model)
+    train(model, opt, 2)
+    params_before = copy.deepcopy(list(model.parameters()))
+    state_before = copy.deepcopy(opt.state_dict())
+    x, y = batch()
+    nn.functional.cross_entropy(model(x), y).backward()
+    target = list(model.parameters())[where]
+    target.grad.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"gradient of parameter '.*' \(shape .*\) contains NaN"):
+        opt.step()
+    for a, b in zip(params_before, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    after = opt.state_dict()
+    for key, state in state_before["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(after["state"][key][name]))
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_one_dimensional_parameter_in_orthogonal_group_is_named(info: OptimizerInfo) -> None:
+    model = small_cnn()
+    named = list(model.named_parameters())
+    with pytest.raises(ValueError, match=r"parameter '0\.bias' has shape \(6,\).*param_groups"):
+        info.cls(named, **info.kwargs)
+    with pytest.raises(ValueError, match=r"parameter params\[1\] has shape \(6,\)"):
+        info.cls([p for _, p in named], **info.kwargs)
+
+
+@pytest.mark.parametrize(
+    "info,kwargs,message",
+    [(info, kw, msg) for info in OPTIMIZERS for kw, msg in info.error_inputs],
+    ids=[f"{info.name}-{next(iter(kw))}" for info in OPTIMIZERS for kw, _ in info.error_inputs],
+)
+def test_bad_hyperparameters_raise(info: OptimizerInfo, kwargs: dict, message: str) -> None:
+    model = small_cnn()
+    with pytest.raises(ValueError, match=message):
+        make(info, model, **kwargs)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_rejected_param_group_leaves_optimizer_unchanged(info: OptimizerInfo) -> None:
+    model = small_cnn()
+    opt = make(info, model)
+    n = len(opt.param_groups)
+    extra = nn.Parameter(torch.randn(3, 3))
+    with pytest.raises(ValueError, match="algorithm must be"):
+        opt.add_param_group({"params": [("extra", extra)], "algorithm": "sgd"})
+    with pytest.raises(ValueError, match=r"parameter 'bias' has shape \(3,\)"):
+        opt.add_param_group({"params": [("bias", nn.Parameter(torch.randn(3)))]})
+    assert len(opt.param_groups) == n
+    opt.add_param_group({"params": [("extra", extra)]})
+    assert len(opt.param_groups) == n + 1
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_works_with_lr_scheduler_and_closure(info: OptimizerInfo) -> None:
+    model = small_cnn()
+    opt = make(info, model)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=10
+    )
+    x, y = batch()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(10):
+        loss = opt.step(closure)
+        sched.step()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_parameters_without_grad_are_skipped(info: OptimizerInfo) -> None:
+    model = small_cnn()
+    opt = make(info, model)
+    frozen = model[6].weight
+    before = frozen.detach().clone()
+    x, y = batch()
+    nn.functional.cross_entropy(model(x), y).backward()
+    frozen.grad = None
+    opt.step()
+    assert torch.equal(frozen, before)
+    assert frozen not in opt.state

@@ -1,0 +1,92 @@
+"""param_groups / describe: which parameter goes where."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import orthotorch
+
+
+class TinyLM(nn.Module):
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.block = nn.Sequential(
+            nn.LayerNorm(16), nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)
+        )
+        self.head = nn.Linear(16, 50, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(x)))
+
+
+def routes(groups: list[dict]) -> dict[str, str]:
+    return {name: g.get("algorithm", "ortho") for g in groups for name, _ in g["params"]}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_embeddings_head_and_1d_go_to_adamw(tied: bool) -> None:
+    got = routes(orthotorch.param_groups(TinyLM(tied)))
+    expected = {
+        "embed.weight": "adamw",
+        "block.0.weight": "adamw",
+        "block.0.bias": "adamw",
+        "block.1.weight": "ortho",
+        "block.1.bias": "adamw",
+        "block.3.weight": "ortho",
+        "block.3.bias": "adamw",
+    }
+    if not tied:
+        expected["head.weight"] = "adamw"
+    assert got == expected
+
+
+def test_conv_kernels_are_orthogonalized_and_frozen_skipped() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 10))
+    model[2].weight.requires_grad_(False)
+    assert routes(orthotorch.param_groups(model)) == {
+        "0.weight": "ortho",
+        "0.bias": "adamw",
+        "2.bias": "adamw",
+    }
+
+
+def test_route_overrides_and_group_options() -> None:
+    groups = orthotorch.param_groups(
+        TinyLM(False),
+        route={"block.3.*": "adamw", "head.*": "orthogonal"},
+        adamw={"lr": 1e-3},
+        lr=0.02,
+        ns_method="muon",
+    )
+    got = routes(groups)
+    assert got["block.3.weight"] == "adamw" and got["head.weight"] == "ortho"
+    assert groups[0]["lr"] == 0.02 and groups[0]["ns_method"] == "muon"
+    assert groups[1]["lr"] == 1e-3 and groups[1]["algorithm"] == "adamw"
+
+
+def test_bad_routes_raise() -> None:
+    with pytest.raises(ValueError, match=r"route\['x'\] must be one of 'orthogonal', 'adamw'"):
+        orthotorch.param_groups(TinyLM(False), route={"x": "sgd"})
+    with pytest.raises(ValueError, match=r"sends 'block.0.bias' \(shape \(16,\)\)"):
+        orthotorch.param_groups(TinyLM(False), route={"*.bias": "orthogonal"})
+
+
+def test_groups_work_with_torch_optimizers_and_describe() -> None:
+    model = TinyLM(False)
+    groups = orthotorch.param_groups(model)
+    torch.optim.AdamW(orthotorch.param_groups(model))  # extra keys are ignored by torch
+    table = orthotorch.describe(groups)
+    lines = table.splitlines()
+    assert lines[0].split() == ["name", "shape", "group", "as", "matrix", "lr", "scale"]
+    row = next(line for line in lines if line.startswith("block.1.weight"))
+    assert row.split() == ["block.1.weight", "64x16", "orthogonal", "64x16", "2"]
+    opt = orthotorch.Muon(groups, adjust_lr="match_rms_adamw")
+    row = next(
+        line for line in orthotorch.describe(opt).splitlines() if line.startswith("block.1.weight")
+    )
+    assert row.split() == ["block.1.weight", "64x16", "muon", "64x16", "1.6"]
