@@ -107,7 +107,9 @@ def test_non_finite_gradient_raises_and_changes_nothing(info: OptimizerInfo, whe
     nn.functional.cross_entropy(model(x), y).backward()
     target = list(model.parameters())[where]
     target.grad.view(-1)[0] = float("nan")
-    with pytest.raises(ValueError, match=r"gradient of parameter '.*' \(shape .*\) contains NaN"):
+    with pytest.raises(
+        FloatingPointError, match=r"gradient of parameter '.*' \(shape .*\) contains NaN"
+    ):
         opt.step()
     for a, b in zip(params_before, model.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -186,3 +188,21 @@ def test_parameters_without_grad_are_skipped(info: OptimizerInfo) -> None:
     opt.step()
     assert torch.equal(frozen, before)
     assert frozen not in opt.state
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_skip_nonfinite_skips_only_that_parameter_and_counts(info: OptimizerInfo) -> None:
+    model = small_cnn()
+    opt = make(info, model, skip_nonfinite=True)
+    train(model, opt, 2)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    x, y = batch()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    params[2].grad[0, 0] = float("inf")  # the first Linear weight
+    opt.step()
+    assert torch.equal(params[2], before[2])
+    assert opt.state[params[2]]["nonfinite_skips"] == 1
+    assert not torch.equal(params[0], before[0])
+    assert all(torch.isfinite(p).all() for p in params)

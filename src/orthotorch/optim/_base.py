@@ -21,7 +21,12 @@ from torch.optim import Optimizer
 
 from ..functional import Bucket, adamw_step_, apply_buckets_, get_update_rule
 
-__all__ = ["OrthogonalOptimizer"]
+__all__ = ["NonFiniteGradientError", "OrthogonalOptimizer"]
+
+
+class NonFiniteGradientError(FloatingPointError, ValueError):
+    """A gradient holds NaN or Inf; raised before any parameter or state is modified."""
+
 
 ADAMW = "adamw"
 
@@ -58,10 +63,14 @@ class OrthogonalOptimizer(Optimizer):
             with AdamW using its own ``lr``, ``betas``, ``eps`` and ``weight_decay``.
         defaults: the subclass's hyperparameters.
         adamw_lr: default ``lr`` of ``"adamw"`` groups that do not set one (``None``: ``lr``).
-        check_finite: check all gradients for NaN/Inf before each step and raise ``ValueError``
-            naming the parameter, leaving parameters and state untouched. Costs one host sync
-            per step and device; disable only when something upstream (e.g. ``GradScaler``)
-            already skips non-finite steps.
+        check_finite: check all gradients for NaN/Inf before each step and raise
+            :class:`NonFiniteGradientError` (a ``FloatingPointError`` and ``ValueError``) naming
+            the parameter, leaving parameters and state untouched. Costs one host sync per step
+            and device; disable only when something upstream (e.g. ``GradScaler``) already skips
+            non-finite steps.
+        skip_nonfinite: instead of raising, skip the update of each parameter whose gradient is
+            not finite (its state is left as it was) and count the skips in its state under
+            ``"nonfinite_skips"``.
     """
 
     algorithm: ClassVar[str] = "orthogonal"
@@ -73,7 +82,11 @@ class OrthogonalOptimizer(Optimizer):
         *,
         adamw_lr: float | None = None,
         check_finite: bool = True,
+        skip_nonfinite: bool = False,
     ) -> None:
+        if skip_nonfinite and not check_finite:
+            raise ValueError("skip_nonfinite=True needs check_finite=True")
+        self.skip_nonfinite = bool(skip_nonfinite)
         if adamw_lr is not None:
             check_range(type(self).__name__, "adamw_lr", adamw_lr, 0.0, math.inf)
         self._adamw_lr = adamw_lr
@@ -166,7 +179,7 @@ class OrthogonalOptimizer(Optimizer):
                 grads.append(p.grad)
             gathered.append((group, params, grads))
         if self.check_finite:
-            self._check_finite(gathered)
+            gathered = self._filter_finite(gathered)
         for group, params, grads in gathered:
             if not params:
                 continue
@@ -176,29 +189,47 @@ class OrthogonalOptimizer(Optimizer):
                 self._orthogonal_group(group, params, grads)
         return loss
 
-    def _check_finite(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
+    def _filter_finite(
+        self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]
+    ) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
+        """Raise on (or, with ``skip_nonfinite``, drop) parameters whose gradient is not finite.
+
+        Runs before anything is modified, so a raise leaves parameters and state untouched.
+        """
+        grads = [g for _, _, gs in gathered for g in gs]
         by_device: dict[torch.device, list[Tensor]] = {}
-        for _, _, grads in gathered:
-            for g in grads:
-                by_device.setdefault(g.device, []).append(g)
-        bad = False
-        for grads in by_device.values():
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        suspect = False
+        for device_grads in by_device.values():
             # The 2-norm is ~10x cheaper than max-abs here. It can overflow on huge but finite
             # gradients, so a non-finite norm only sends us to the exact per-tensor check below.
-            norms = torch._foreach_norm(grads, 2)
-            bad |= not bool(torch.stack([t.float() for t in norms]).isfinite().all())
-        if not bad:
-            return
+            norms = torch._foreach_norm(device_grads, 2)
+            suspect |= not bool(torch.stack([t.float() for t in norms]).isfinite().all())
+        if not suspect:
+            return gathered
+        kept = []
         for index, (group, params, grads) in enumerate(gathered):
+            keep_p, keep_g = [], []
             for p, g in zip(params, grads, strict=True):
-                if not bool(torch.isfinite(g).all()):
-                    i = next(j for j, q in enumerate(group["params"]) if q is p)
-                    raise ValueError(
-                        f"{self._group_label(group, index)}: the gradient of parameter "
-                        f"{self._param_label(group, i)} (shape {tuple(p.shape)}) contains NaN "
-                        "or Inf; no parameter or optimizer state was changed. Look for an "
-                        "overflowing loss, or lower the learning rate / clip gradients."
-                    )
+                if bool(torch.isfinite(g).all()):
+                    keep_p.append(p)
+                    keep_g.append(g)
+                    continue
+                if self.skip_nonfinite:
+                    state = self.state[p]
+                    state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+                    continue
+                i = next(j for j, q in enumerate(group["params"]) if q is p)
+                raise NonFiniteGradientError(
+                    f"{self._group_label(group, index)}: the gradient of parameter "
+                    f"{self._param_label(group, i)} (shape {tuple(p.shape)}) contains NaN "
+                    "or Inf; no parameter or optimizer state was changed. Look for an "
+                    "overflowing loss, lower the learning rate / clip gradients, or pass "
+                    "skip_nonfinite=True to skip such updates."
+                )
+            kept.append((group, keep_p, keep_g))
+        return kept
 
     def _adamw_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
@@ -206,7 +237,7 @@ class OrthogonalOptimizer(Optimizer):
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
             state = self.state[p]
-            if not state:
+            if "step" not in state:
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

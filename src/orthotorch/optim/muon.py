@@ -55,6 +55,8 @@ class Muon(OrthogonalOptimizer):
             ``1e-8``).
         adamw_lr: default ``lr`` of ``"adamw"`` groups that set none (``None``: ``lr``).
         check_finite: raise on NaN/Inf gradients before changing anything (one sync per step).
+        skip_nonfinite: skip (and count in state) updates of parameters with NaN/Inf gradients
+            instead of raising.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(),
@@ -81,6 +83,7 @@ class Muon(OrthogonalOptimizer):
         *,
         adamw_lr: float | None = None,
         check_finite: bool = True,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -95,7 +98,13 @@ class Muon(OrthogonalOptimizer):
             "betas": betas,
             "eps": eps,
         }
-        super().__init__(params, defaults, adamw_lr=adamw_lr, check_finite=check_finite)
+        super().__init__(
+            params,
+            defaults,
+            adamw_lr=adamw_lr,
+            check_finite=check_finite,
+            skip_nonfinite=skip_nonfinite,
+        )
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
         check_range(label, "momentum", group["momentum"], 0.0, 1.0)
