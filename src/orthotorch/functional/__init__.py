@@ -8,14 +8,14 @@ from .muon import (
     bucket_by_shape,
     matrix_shape,
     nesterov_momentum_,
-    orthogonalize_buckets,
     shape_scale,
 )
-from .rules import available_update_rules, get_update_rule, register_update_rule
+from .rules import UpdateRule, available_update_rules, get_update_rule, register_update_rule
 
 __all__ = [
     "ADJUST_LR_CHOICES",
     "Bucket",
+    "UpdateRule",
     "adamw_step_",
     "apply_buckets_",
     "available_update_rules",
@@ -23,7 +23,6 @@ __all__ = [
     "get_update_rule",
     "matrix_shape",
     "nesterov_momentum_",
-    "orthogonalize_buckets",
     "register_update_rule",
     "shape_scale",
 ]

@@ -23,8 +23,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..linalg.registry import OrthogonalizationMethod
-
 AdjustLR = Literal["original", "match_rms_adamw"]
 ADJUST_LR_CHOICES: tuple[str, ...] = ("original", "match_rms_adamw")
 
@@ -72,13 +70,17 @@ class Bucket:
     shape: tuple[int, int]
     index: list[int]
     X: Tensor
+    # Set instead of ``X`` when each rank holds only row shards of the results (FSDP2).
+    local_directions: list[Tensor] | None = None
 
     @property
     def transposed(self) -> bool:
         return self.shape[0] > self.shape[1]
 
     def directions(self) -> list[Tensor]:
-        """The per-matrix results in parameter orientation (views into ``X``)."""
+        """The per-matrix results in parameter orientation (views into ``X``, or local shards)."""
+        if self.local_directions is not None:
+            return self.local_directions
         return [x.mT if self.transposed else x for x in self.X.unbind(0)]
 
 
@@ -103,15 +105,6 @@ def bucket_by_shape(updates: list[Tensor], compute_dtype: torch.dtype) -> list[B
     return buckets
 
 
-def orthogonalize_buckets(
-    buckets: list[Bucket], spec: OrthogonalizationMethod, steps: int | None
-) -> list[Bucket]:
-    """Replace each bucket's stack by its polar-factor approximation (one batched call each)."""
-    for b in buckets:
-        b.X = spec.iterate(b.X, steps)
-    return buckets
-
-
 def apply_buckets_(
     params: list[Tensor],
     buckets: list[Bucket],
@@ -120,7 +113,10 @@ def apply_buckets_(
     weight_decay: float,
     scales: list[float],
 ) -> None:
-    """``p = (1 - lr wd) p - lr * scale * U`` with one foreach call per bucket."""
+    """``p = (1 - lr wd) p - lr * scale * U`` with one foreach call per bucket.
+
+    ``params`` are plain tensors (for FSDP2, the local shards of the parameters).
+    """
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     for b, scale in zip(buckets, scales, strict=True):

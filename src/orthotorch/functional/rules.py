@@ -1,31 +1,50 @@
 """THE registry of update rules: how a group's momentum becomes its update direction.
 
-A rule maps the group's per-parameter momenta to :class:`~orthotorch.functional.muon.Bucket`
-stacks of directions (same-shape matrices batched). ``"spectral"`` (two-sided
-orthogonalization, Muon's rule) is the default; later rules (row/column normalisation,
-one-sided spectral) register here, and every optimizer that takes ``update=`` picks them up.
+A rule is prepared once per step from the group's options into a *kernel*
+``(X, transposed) -> Y`` on a wide ``(k, m, n)`` stack of same-shape matrices, plus the dtype
+the stack is built in. The optimizer skeleton hands the kernel to
+:func:`orthotorch.distributed.map_matrices`, which runs it on whole matrices on whichever rank
+owns them, so every rule is distributed the same way. ``transposed`` says that the stack holds
+the parameters' transposes (tall parameters), for rules that act on rows or columns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..linalg import resolve_compute
-from .muon import Bucket, bucket_by_shape, orthogonalize_buckets
 
-UpdateRule = Callable[[list[Tensor], Mapping[str, Any]], list[Bucket]]
+Kernel = Callable[[Tensor, bool], Tensor]
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """A named update rule.
+
+    Attributes:
+        name: registry key (the value of a group's ``update`` option).
+        prepare: ``group -> (kernel, compute_dtype)``; raises ``ValueError`` on bad options.
+        description: one line for tables.
+    """
+
+    name: str
+    prepare: Callable[[Mapping[str, Any]], tuple[Kernel, torch.dtype]]
+    description: str
+
 
 _RULES: dict[str, UpdateRule] = {}
 
 
-def register_update_rule(name: str, rule: UpdateRule, *, overwrite: bool = False) -> None:
-    """Add ``rule`` under ``name``."""
-    if name in _RULES and not overwrite:
-        raise ValueError(f"update rule {name!r} is already registered; pass overwrite=True")
-    _RULES[name] = rule
+def register_update_rule(rule: UpdateRule, *, overwrite: bool = False) -> None:
+    """Add ``rule`` under ``rule.name``."""
+    if rule.name in _RULES and not overwrite:
+        raise ValueError(f"update rule {rule.name!r} is already registered; pass overwrite=True")
+    _RULES[rule.name] = rule
 
 
 def available_update_rules() -> list[str]:
@@ -43,15 +62,22 @@ def get_update_rule(name: str) -> UpdateRule:
         ) from None
 
 
-def spectral_rule(updates: list[Tensor], group: Mapping[str, Any]) -> list[Bucket]:
-    """Two-sided orthogonalization ``polar(M)`` (uses ``ns_method``, ``ns_steps``, ``ns_dtype``).
-
-    Equivariant under ``M -> P M Q`` for orthogonal ``P``, ``Q``: ``polar(P M Q) = P polar(M) Q``.
-    """
+def _prepare_spectral(group: Mapping[str, Any]) -> tuple[Kernel, torch.dtype]:
     spec, steps, compute = resolve_compute(
         group["ns_method"], group["ns_steps"], group.get("ns_dtype")
     )
-    return orthogonalize_buckets(bucket_by_shape(updates, compute), spec, steps)
+
+    def kernel(X: Tensor, transposed: bool) -> Tensor:
+        del transposed  # polar(M^T) = polar(M)^T: orientation does not matter
+        return spec.iterate(X, steps)
+
+    return kernel, compute
 
 
-register_update_rule("spectral", spectral_rule)
+register_update_rule(
+    UpdateRule(
+        "spectral",
+        _prepare_spectral,
+        "two-sided orthogonalization polar(M) (Muon); equivariant under M -> P M Q",
+    )
+)

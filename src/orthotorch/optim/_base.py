@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import distributed
+from ..distributed import DISTRIBUTED_MODES
 from ..functional import Bucket, adamw_step_, apply_buckets_, get_update_rule
 
 __all__ = ["NonFiniteGradientError", "OrthogonalOptimizer"]
@@ -71,6 +73,10 @@ class OrthogonalOptimizer(Optimizer):
         skip_nonfinite: instead of raising, skip the update of each parameter whose gradient is
             not finite (its state is left as it was) and count the skips in its state under
             ``"nonfinite_skips"``.
+        distributed: ``"auto"``: when a process group of size > 1 is initialised, parameters are
+            taken as replicated (DDP) and each rank orthogonalizes a ``1/world_size`` share of the
+            matrices, then results are all-gathered; ``DTensor`` parameters (FSDP2) are always
+            handled shard-wise. ``"off"``: every rank processes every (plain) matrix itself.
     """
 
     algorithm: ClassVar[str] = "orthogonal"
@@ -83,7 +89,15 @@ class OrthogonalOptimizer(Optimizer):
         adamw_lr: float | None = None,
         check_finite: bool = True,
         skip_nonfinite: bool = False,
+        distributed: str = "auto",
     ) -> None:
+        if distributed not in DISTRIBUTED_MODES:
+            raise ValueError(
+                f"distributed must be one of {', '.join(map(repr, DISTRIBUTED_MODES))}, "
+                f"got {distributed!r}"
+            )
+        self.distributed = distributed
+        self._ranks_checked = False
         if skip_nonfinite and not check_finite:
             raise ValueError("skip_nonfinite=True needs check_finite=True")
         self.skip_nonfinite = bool(skip_nonfinite)
@@ -163,23 +177,34 @@ class OrthogonalOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        all_params = [p for group in self.param_groups for p in group["params"]]
+        if not self._ranks_checked:
+            self._check_ranks_agree(all_params)
+        has_grad = torch.tensor([p.grad is not None for p in all_params])
+        # Under DDP/FSDP every rank must process the same parameters, or the collectives of
+        # the direction step would be mismatched and hang: a parameter with a gradient on any
+        # rank is updated everywhere, with a zero gradient where it had none.
+        has_grad = distributed.any_rank(has_grad, all_params, self.distributed).tolist()
         gathered = []
+        position = 0
         for index, group in enumerate(self.param_groups):
             params, grads = [], []
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
+                position += 1
+                if not has_grad[position - 1]:
                     continue
-                if p.grad.is_sparse:
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                if grad.is_sparse:
                     raise ValueError(
                         f"{self._group_label(group, index)}: parameter "
                         f"{self._param_label(group, i)} has a sparse gradient, which is not "
                         "supported (use a dense nn.Embedding)"
                     )
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(grad)
             gathered.append((group, params, grads))
         if self.check_finite:
-            gathered = self._filter_finite(gathered)
+            gathered = self._filter_finite(gathered, all_params)
         for group, params, grads in gathered:
             if not params:
                 continue
@@ -189,46 +214,62 @@ class OrthogonalOptimizer(Optimizer):
                 self._orthogonal_group(group, params, grads)
         return loss
 
+    def _check_ranks_agree(self, all_params: list[Tensor]) -> None:
+        """Once, at the first step: every rank must hold the same parameter list."""
+        signature = [
+            (gi, group["algorithm"], tuple(p.shape), str(p.dtype))
+            for gi, group in enumerate(self.param_groups)
+            for p in group["params"]
+        ]
+        distributed.all_ranks_agree(
+            signature, all_params, self.distributed, f"the parameters of {type(self).__name__}"
+        )
+        self._ranks_checked = True
+
     def _filter_finite(
-        self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]
+        self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]], all_params: list[Tensor]
     ) -> list[tuple[dict, list[Tensor], list[Tensor]]]:
         """Raise on (or, with ``skip_nonfinite``, drop) parameters whose gradient is not finite.
 
         Runs before anything is modified, so a raise leaves parameters and state untouched.
+        Decisions are combined across ranks (a NaN in one FSDP shard stops every rank).
         """
-        grads = [g for _, _, gs in gathered for g in gs]
+        grads = [distributed.local(g) for _, _, gs in gathered for g in gs]
         by_device: dict[torch.device, list[Tensor]] = {}
         for g in grads:
             by_device.setdefault(g.device, []).append(g)
-        suspect = False
+        suspect = torch.tensor(False)
         for device_grads in by_device.values():
             # The 2-norm is ~10x cheaper than max-abs here. It can overflow on huge but finite
             # gradients, so a non-finite norm only sends us to the exact per-tensor check below.
             norms = torch._foreach_norm(device_grads, 2)
-            suspect |= not bool(torch.stack([t.float() for t in norms]).isfinite().all())
-        if not suspect:
+            suspect |= ~torch.stack([t.float() for t in norms]).isfinite().all().cpu()
+        if not bool(distributed.any_rank(suspect.view(1), all_params, self.distributed)):
             return gathered
-        kept = []
-        for index, (group, params, grads) in enumerate(gathered):
-            keep_p, keep_g = [], []
-            for p, g in zip(params, grads, strict=True):
-                if bool(torch.isfinite(g).all()):
-                    keep_p.append(p)
-                    keep_g.append(g)
-                    continue
-                if self.skip_nonfinite:
-                    state = self.state[p]
-                    state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
-                    continue
-                i = next(j for j, q in enumerate(group["params"]) if q is p)
-                raise NonFiniteGradientError(
-                    f"{self._group_label(group, index)}: the gradient of parameter "
-                    f"{self._param_label(group, i)} (shape {tuple(p.shape)}) contains NaN "
-                    "or Inf; no parameter or optimizer state was changed. Look for an "
-                    "overflowing loss, lower the learning rate / clip gradients, or pass "
-                    "skip_nonfinite=True to skip such updates."
-                )
-            kept.append((group, keep_p, keep_g))
+        flat = [(index, p, g) for index, (_, ps, gs) in enumerate(gathered) for p, g in zip(ps, gs)]
+        bad = torch.tensor(
+            [not bool(torch.isfinite(distributed.local(g)).all()) for _, _, g in flat]
+        )
+        bad = distributed.any_rank(bad, all_params, self.distributed).tolist()
+        if not self.skip_nonfinite:
+            index, p, _ = flat[bad.index(True)]
+            group = gathered[index][0]
+            i = next(j for j, q in enumerate(group["params"]) if q is p)
+            raise NonFiniteGradientError(
+                f"{self._group_label(group, index)}: the gradient of parameter "
+                f"{self._param_label(group, i)} (shape {tuple(p.shape)}) contains NaN "
+                "or Inf; no parameter or optimizer state was changed. Look for an "
+                "overflowing loss, lower the learning rate / clip gradients, or pass "
+                "skip_nonfinite=True to skip such updates."
+            )
+        kept = [(group, [], []) for group, _, _ in gathered]
+        for (index, p, g), is_bad in zip(flat, bad, strict=True):
+            if is_bad:
+                state = self.state[p]
+                state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+            else:
+                kept[index][1].append(p)
+                kept[index][2].append(g)
         return kept
 
     def _adamw_group(
@@ -267,7 +308,11 @@ class OrthogonalOptimizer(Optimizer):
         buckets = self._direction(group, momenta, states)
         scales = [self._scale(group, b.shape) for b in buckets]
         apply_buckets_(
-            params, buckets, lr=group["lr"], weight_decay=group["weight_decay"], scales=scales
+            [distributed.local(p) for p in params],
+            buckets,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            scales=scales,
         )
 
     # ------------------------------------------------------------------ subclass hooks
@@ -284,8 +329,11 @@ class OrthogonalOptimizer(Optimizer):
     def _direction(
         self, group: dict[str, Any], momenta: list[Tensor], states: list[dict[str, Any]]
     ) -> list[Bucket]:
-        """Default: the group's registered update rule (``group["update"]``)."""
-        return get_update_rule(group["update"])(momenta, group)
+        """Default: the group's registered update rule (``group["update"]``), run on whole
+        matrices by :func:`orthotorch.distributed.map_matrices` (which splits the work across
+        ranks under DDP/FSDP2)."""
+        kernel, compute_dtype = get_update_rule(group["update"]).prepare(group)
+        return distributed.map_matrices(momenta, kernel, compute_dtype, self.distributed)
 
     def _scale(self, group: dict[str, Any], shape: tuple[int, int]) -> float:
         raise NotImplementedError

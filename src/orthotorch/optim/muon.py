@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from ..functional import ADJUST_LR_CHOICES, get_update_rule, nesterov_momentum_, shape_scale
-from ..linalg import resolve_compute
 from ._base import OrthogonalOptimizer, check_range
 
 __all__ = ["Muon"]
@@ -57,6 +56,8 @@ class Muon(OrthogonalOptimizer):
         check_finite: raise on NaN/Inf gradients before changing anything (one sync per step).
         skip_nonfinite: skip (and count in state) updates of parameters with NaN/Inf gradients
             instead of raising.
+        distributed: ``"auto"`` (split orthogonalization work across ranks under DDP/FSDP2)
+            or ``"off"``; see :class:`~orthotorch.optim.OrthogonalOptimizer`.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(),
@@ -84,6 +85,7 @@ class Muon(OrthogonalOptimizer):
         adamw_lr: float | None = None,
         check_finite: bool = True,
         skip_nonfinite: bool = False,
+        distributed: str = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -104,6 +106,7 @@ class Muon(OrthogonalOptimizer):
             adamw_lr=adamw_lr,
             check_finite=check_finite,
             skip_nonfinite=skip_nonfinite,
+            distributed=distributed,
         )
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
@@ -116,8 +119,7 @@ class Muon(OrthogonalOptimizer):
                 f"got {group['adjust_lr']!r}"
             )
         try:
-            resolve_compute(group["ns_method"], group["ns_steps"], group["ns_dtype"])
-            get_update_rule(group["update"])
+            get_update_rule(group["update"]).prepare(group)
         except ValueError as err:
             raise ValueError(f"{label}: {err}") from None
 

@@ -1,0 +1,106 @@
+"""DDP and FSDP2 on CPU/gloo with 2 spawned processes, compared with single-process runs."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+import dist_workers
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+WORLD = 2
+TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(scenario: str, tmp_path: Path, name: str = "Muon") -> list[dict]:
+    """Run a scenario on WORLD spawned ranks; a hang fails the test after TIMEOUT_S."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [
+        ctx.Process(
+            target=dist_workers.worker, args=(rank, WORLD, port, scenario, str(tmp_path), name)
+        )
+        for rank in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, f"scenario {scenario!r} hung for {TIMEOUT_S}s"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def assert_close_to(reference: dict, params: dict) -> None:
+    assert reference.keys() == params.keys()
+    for key, ref in reference.items():
+        err = ((params[key] - ref).norm() / ref.norm()).item()
+        assert err < 1e-5, (key, err)
+
+
+def total_matrices() -> int:
+    model = dist_workers.make_model()
+    return sum(
+        1
+        for g in dist_workers.orthotorch.param_groups(model)
+        if "algorithm" not in g
+        for _ in g["params"]
+    )
+
+
+@pytest.mark.parametrize("scenario", ["ddp", "fsdp"])
+def test_matches_single_process_and_splits_work(scenario: str, tmp_path: Path) -> None:
+    results = run(scenario, tmp_path)
+    reference = dist_workers.reference("Muon")
+    for r in results:
+        assert_close_to(reference, r["params"])
+    per_step = [r["stats"]["matrices_processed"] / dist_workers.STEPS for r in results]
+    assert sum(per_step) == total_matrices()
+    assert max(per_step) - min(per_step) <= 1
+    # Bytes sent per step stay under twice the orthogonalized parameters (fp32 here).
+    ortho_bytes = 4 * sum(
+        p.numel()
+        for name, p in dist_workers.make_model().named_parameters()
+        if p.ndim == 2 and not name.startswith(("embed", "head"))
+    )
+    for r in results:
+        assert r["stats"]["bytes_sent"] / dist_workers.STEPS <= 2 * ortho_bytes
+
+
+def test_fsdp_checkpoint_resumes_on_one_rank(tmp_path: Path) -> None:
+    results = run("fsdp_checkpoint", tmp_path)
+    resumed = dist_workers.resume_single_process(str(tmp_path), "Muon")
+    assert_close_to(results[0]["params"], resumed)
+
+
+def test_gradient_on_one_rank_and_small_groups_do_not_hang(tmp_path: Path) -> None:
+    results = run("no_hang", tmp_path)
+    assert all(r["lonely_moved"] for r in results)
+    assert torch.equal(results[0]["shared"], results[1]["shared"])
+
+
+def test_ranks_with_different_parameters_raise_instead_of_hanging(tmp_path: Path) -> None:
+    results = run("mismatch", tmp_path)
+    for r in results:
+        assert "ranks disagree on the parameters of Muon" in r["error"]
+
+
+def test_nan_in_one_shard_stops_every_rank(tmp_path: Path) -> None:
+    results = run("nan_on_one_rank", tmp_path)
+    for r in results:
+        assert "gradient of parameter 'up.weight'" in r["error"] or "contains NaN" in r["error"]
