@@ -258,20 +258,18 @@ def _map_sharded(updates: list[Tensor], kernel: Kernel, compute_dtype: torch.dty
         recv_sizes = [chunks[s] * cols * len(mine) for s in range(world)]
         recv = _all_to_all(send, send_sizes, recv_sizes, group, rank)
 
-        # Assemble each owned matrix from every rank's rows, process, cut it back into shards.
+        # Assemble each owned matrix from every rank's rows (row blocks of a contiguous
+        # parameter-orientation buffer: cheap copies), then hand the kernel its wide view.
         pieces = list(recv.split(recv_sizes))
-        full = torch.empty(
-            (len(mine), *(min(shape), max(shape))), dtype=compute_dtype, device=device
-        )
+        full = torch.empty((len(mine), rows, cols), dtype=compute_dtype, device=device)
+        start = 0
         for s in range(world):
-            rows_from_s = pieces[s].reshape(len(mine), chunks[s], cols)
-            start = sum(chunks[:s])
-            for j in range(len(mine)):
-                _wide(full[j], shape)[start : start + chunks[s]] = rows_from_s[j]
+            full[:, start : start + chunks[s]] = pieces[s].view(len(mine), chunks[s], cols)
+            start += chunks[s]
         if mine:
-            full = kernel(full, rows > cols)
+            full = _wide(kernel(_wide(full, shape), rows > cols), shape)
         STATS.matrices_processed += len(mine)
-        results = [_wide(full[j], shape) for j in range(len(mine))]
+        results = list(full.unbind(0))
 
         # Back: rows of my matrices return to the rank that holds them.
         back = torch.cat(
