@@ -70,9 +70,13 @@ def test_route_overrides_and_group_options() -> None:
 
 
 def test_bad_routes_raise() -> None:
-    with pytest.raises(ValueError, match=r"route\['x'\] must be one of 'orthogonal', 'adamw'"):
+    with pytest.raises(
+        ValueError, match=r"route\['x'\] must be one of 'orthogonal', 'adamw', 'spectral'"
+    ):
         orthotorch.param_groups(TinyLM(False), route={"x": "sgd"})
-    with pytest.raises(ValueError, match=r"sends 'block.0.bias' \(shape \(16,\)\)"):
+    with pytest.raises(
+        ValueError, match=r"sends 'block.0.bias' \(shape \(16,\)\) to an orthogonalized"
+    ):
         orthotorch.param_groups(TinyLM(False), route={"*.bias": "orthogonal"})
 
 
@@ -82,11 +86,11 @@ def test_groups_work_with_torch_optimizers_and_describe() -> None:
     torch.optim.AdamW(orthotorch.param_groups(model))  # extra keys are ignored by torch
     table = orthotorch.describe(groups)
     lines = table.splitlines()
-    assert lines[0].split() == ["name", "shape", "group", "as", "matrix", "lr", "scale"]
+    assert lines[0].split() == ["name", "shape", "group", "update", "as", "matrix", "lr", "scale"]
     row = next(line for line in lines if line.startswith("block.1.weight"))
-    assert row.split() == ["block.1.weight", "64x16", "orthogonal", "64x16", "2"]
+    assert row.split() == ["block.1.weight", "64x16", "orthogonal", "spectral", "64x16", "2"]
     opt = orthotorch.Muon(groups, adjust_lr="match_rms_adamw")
     row = next(
         line for line in orthotorch.describe(opt).splitlines() if line.startswith("block.1.weight")
     )
-    assert row.split() == ["block.1.weight", "64x16", "muon", "64x16", "1.6"]
+    assert row.split() == ["block.1.weight", "64x16", "muon", "spectral", "64x16", "1.6"]

@@ -17,27 +17,56 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from .functional import matrix_shape, shape_scale
+from .functional import available_update_rules, matrix_shape, shape_scale
 
 __all__ = ["describe", "param_groups", "route_parameters"]
 
 Route = Literal["orthogonal", "adamw"]
 ROUTES: tuple[str, ...] = ("orthogonal", "adamw")
+Policy = Literal["default", "symmetry"]
+POLICIES: tuple[str, ...] = ("default", "symmetry")
+
+# Module-name fragments that identify MLP and router roles under policy="symmetry"; attention
+# projections and every other hidden matrix keep the two-sided spectral rule.
+_ROW_ROLES = ("gate", "up", "fc1", "w1", "w3", "c_fc")
+_COL_ROLES = ("down", "fc2", "w2", "c_proj")
+_ROUTER_ROLES = ("router", "moe_gate")
+
+
+def _symmetry_rule(name: str, reason: str) -> str:
+    """The update rule policy="symmetry" gives a hidden/embedding/head matrix of this role."""
+    leaf = name.rsplit(".", 2)[-2].lower() if "." in name else name.lower()
+    if reason == "embedding":
+        return "row_norm"
+    if reason == "output head":
+        return "centered_row_norm"
+    if any(role in leaf for role in _ROUTER_ROLES):
+        return "centered_row_norm"
+    if any(leaf == role or leaf.endswith(role) or leaf.startswith(role) for role in _ROW_ROLES):
+        return "row_norm"
+    if any(leaf == role or leaf.endswith(role) or leaf.startswith(role) for role in _COL_ROLES):
+        return "col_norm"
+    return "spectral"
 
 
 def route_parameters(
-    model: nn.Module, route: Mapping[str, Route] | None = None
-) -> list[tuple[str, Tensor, Route, str]]:
-    """``(name, parameter, route, reason)`` for every trainable parameter of ``model``.
+    model: nn.Module, route: Mapping[str, str] | None = None, policy: Policy = "default"
+) -> list[tuple[str, Tensor, str, str]]:
+    """``(name, parameter, target, reason)`` for every trainable parameter of ``model``.
 
-    ``route`` maps glob patterns over parameter names (``"blocks.*.attn.*"``) to ``"orthogonal"``
-    or ``"adamw"``; the first matching pattern wins over the automatic choice.
+    ``target`` is ``"adamw"``, ``"orthogonal"`` (the optimizer's default update) or, under
+    ``policy="symmetry"``, the name of an update rule. ``route`` maps glob patterns over
+    parameter names (``"blocks.*.attn.*"``) to any of those; the first matching pattern wins
+    over the automatic choice.
     """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}")
     route = dict(route or {})
+    valid = (*ROUTES, *available_update_rules())
     for pattern, target in route.items():
-        if target not in ROUTES:
+        if target not in valid:
             raise ValueError(
-                f"route[{pattern!r}] must be one of {', '.join(map(repr, ROUTES))}, got {target!r}"
+                f"route[{pattern!r}] must be one of {', '.join(map(repr, valid))}, got {target!r}"
             )
     embedding_ids = {
         id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
@@ -57,11 +86,13 @@ def route_parameters(
             target, reason = "adamw", "output head"
         else:
             target, reason = "orthogonal", "hidden matrix"
+        if policy == "symmetry" and p.ndim >= 2:
+            target = _symmetry_rule(name, reason)
         for pattern, forced in route.items():
             if fnmatch.fnmatchcase(name, pattern):
-                if forced == "orthogonal" and p.ndim < 2:
+                if forced != "adamw" and p.ndim < 2:
                     raise ValueError(
-                        f"route[{pattern!r}] sends {name!r} (shape {tuple(p.shape)}) to the "
+                        f"route[{pattern!r}] sends {name!r} (shape {tuple(p.shape)}) to an "
                         "orthogonalized group, which takes only 2-D or larger weights"
                     )
                 target, reason = forced, f"route {pattern!r}"
@@ -73,29 +104,38 @@ def route_parameters(
 def param_groups(
     model: nn.Module,
     *,
-    route: Mapping[str, Route] | None = None,
+    policy: Policy = "default",
+    route: Mapping[str, str] | None = None,
     adamw: Mapping[str, Any] | None = None,
     **orthogonal: Any,
 ) -> list[dict[str, Any]]:
-    """Split ``model``'s parameters into an orthogonalized group and an ``"adamw"`` group.
+    """Split ``model``'s parameters into orthogonalized group(s) and an ``"adamw"`` group.
 
     Args:
         model: the module whose ``named_parameters()`` are routed (frozen ones are skipped).
-        route: glob pattern -> ``"orthogonal"``/``"adamw"`` overrides, first match wins.
+        policy: ``"default"``: hidden 2-D+ weights get the optimizer's update (spectral for
+            Muon), embeddings/head/1-D get AdamW. ``"symmetry"``: every 2-D+ weight gets the
+            update rule compatible with its symmetry (embedding ``row_norm``, head and routers
+            ``centered_row_norm``, MLP gate/up ``row_norm``, down ``col_norm``, attention and
+            other matrices ``spectral``); only 1-D parameters get AdamW.
+        route: glob pattern -> ``"orthogonal"``/``"adamw"``/update-rule name, first match wins.
         adamw: options for the AdamW group (``lr``, ``betas``, ``eps``, ``weight_decay``).
-        **orthogonal: options for the orthogonalized group (``lr``, ``ns_method``, ...).
+        **orthogonal: options for the orthogonalized group(s) (``lr``, ``ns_method``, ...).
 
     Returns:
         Group dicts with ``(name, tensor)`` pairs as ``params`` (so optimizer errors can name
-        parameters), ready for :class:`orthotorch.Muon` and friends. Empty groups are left out.
-        Every ``torch.optim`` optimizer accepts them as well (they ignore ``"algorithm"``).
+        parameters), ready for :class:`orthotorch.Muon` and friends: one group per update rule
+        (with its ``"update"`` key; none for ``"orthogonal"``) and one ``"adamw"`` group. Empty
+        groups are left out. ``torch.optim`` optimizers accept them too (extra keys ignored).
     """
-    routed = route_parameters(model, route)
-    ortho = [(n, p) for n, p, r, _ in routed if r == "orthogonal"]
-    plain = [(n, p) for n, p, r, _ in routed if r == "adamw"]
+    routed = route_parameters(model, route, policy)
+    targets = list(dict.fromkeys(t for _, _, t, _ in routed if t != "adamw"))
     groups = []
-    if ortho:
-        groups.append({"params": ortho, **orthogonal})
+    for target in targets:
+        members = [(n, p) for n, p, t, _ in routed if t == target]
+        extra = {} if target == "orthogonal" else {"update": target}
+        groups.append({"params": members, **orthogonal, **extra})
+    plain = [(n, p) for n, p, t, _ in routed if t == "adamw"]
     if plain:
         groups.append({"params": plain, **dict(adamw or {}), "algorithm": "adamw"})
     return groups
@@ -115,23 +155,27 @@ def _group_entries(groups: Iterable[Mapping[str, Any]]) -> list[tuple[str, Tenso
 
 
 def describe(groups_or_optimizer: Any) -> str:
-    """A readable table of which parameter went where: name, shape, group, matrix shape, scale.
+    """A readable table of which parameter went where: name, shape, group, update rule, matrix
+    shape and learning-rate scale.
 
     Accepts the output of :func:`param_groups` or an optimizer (then group defaults such as
     ``adjust_lr`` are the optimizer's own).
     """
     groups = getattr(groups_or_optimizer, "param_groups", groups_or_optimizer)
     default_algorithm = getattr(groups_or_optimizer, "algorithm", "orthogonal")
-    rows = [("name", "shape", "group", "as matrix", "lr scale")]
+    rows = [("name", "shape", "group", "update", "as matrix", "lr scale")]
     for name, p, group in _group_entries(groups):
         algorithm = group.get("algorithm", default_algorithm)
         shape = "x".join(map(str, p.shape)) or "scalar"
         if algorithm == "adamw":
-            rows.append((name, shape, "adamw", "-", "1"))
+            rows.append((name, shape, "adamw", "adam", "-", "1"))
         else:
             mshape = matrix_shape(p.shape)
             scale = shape_scale(mshape, group.get("adjust_lr", "original"))
-            rows.append((name, shape, algorithm, f"{mshape[0]}x{mshape[1]}", f"{scale:.4g}"))
+            update = str(group.get("update", "spectral"))
+            rows.append(
+                (name, shape, algorithm, update, f"{mshape[0]}x{mshape[1]}", f"{scale:.4g}")
+            )
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -10,6 +10,7 @@ from .muon import (
     nesterov_momentum_,
     shape_scale,
 )
+from . import symmetry  # registers the symmetry-compatible update rules
 from .rules import UpdateRule, available_update_rules, get_update_rule, register_update_rule
 
 __all__ = [
