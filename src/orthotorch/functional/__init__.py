@@ -1,5 +1,6 @@
 """Pure tensor functions behind the optimizers: lists of tensors in, no ``Optimizer`` state."""
 
+from . import symmetry  # registers the symmetry-compatible update rules
 from .adamw import adamw_step_
 from .muon import (
     ADJUST_LR_CHOICES,
@@ -10,7 +11,6 @@ from .muon import (
     nesterov_momentum_,
     shape_scale,
 )
-from . import symmetry  # registers the symmetry-compatible update rules
 from .rules import UpdateRule, available_update_rules, get_update_rule, register_update_rule
 
 __all__ = [
@@ -26,4 +26,5 @@ __all__ = [
     "nesterov_momentum_",
     "register_update_rule",
     "shape_scale",
+    "symmetry",
 ]
