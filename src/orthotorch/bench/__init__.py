@@ -1,1 +1,61 @@
-"""Benchmarks and optimizer comparisons (``orthotorch compare`` / ``orthotorch bench``)."""
+"""Benchmarks and optimizer comparisons: the Python API under ``orthotorch compare`` / ``bench``.
+
+Compare optimizers on a built-in task or on your own::
+
+    from orthotorch import bench
+
+    result = bench.compare("digits", ["adamw", "muon"], steps=200, seeds=3, out="runs/digits")
+    print(result.table())
+
+    def my_task(seed, device):            # your model factory, data and loss
+        torch.manual_seed(seed)
+        model = MyNet().to(device)
+        return bench.TaskSetup(model, batches=my_iterator(seed), loss=my_loss, evaluate=my_eval)
+
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.1)
+    bench.compare(my_task, {"adamw": "adamw", "sgd": sgd}, steps=300, seeds=3, out="runs/mine")
+
+Micro-benchmarks of the kernels and optimizer steps: :func:`bench` (``orthotorch bench``).
+Registries (one entry adds a task or optimizer everywhere): :data:`TASKS`, :data:`OPTIMIZERS`.
+"""
+
+from .micro import BenchResult, KernelTiming, StepTiming, bench, bench_kernels, bench_steps
+from .optimizers import (
+    OPTIMIZERS,
+    OptimizerSpec,
+    TorchMuonWithAdamW,
+    available_optimizers,
+    get_optimizer,
+    optimizer_state_bytes,
+    register_optimizer,
+)
+from .report import CompareResult, RunRecord, Summary
+from .runner import DEFAULT_OPTIMIZERS, compare
+from .tasks import TASKS, Task, TaskSetup, available_tasks, get_task, stdlib_corpus
+
+__all__ = [
+    "DEFAULT_OPTIMIZERS",
+    "OPTIMIZERS",
+    "TASKS",
+    "BenchResult",
+    "CompareResult",
+    "KernelTiming",
+    "OptimizerSpec",
+    "RunRecord",
+    "StepTiming",
+    "Summary",
+    "Task",
+    "TaskSetup",
+    "TorchMuonWithAdamW",
+    "available_optimizers",
+    "available_tasks",
+    "bench",
+    "bench_kernels",
+    "bench_steps",
+    "compare",
+    "get_optimizer",
+    "get_task",
+    "optimizer_state_bytes",
+    "register_optimizer",
+    "stdlib_corpus",
+]

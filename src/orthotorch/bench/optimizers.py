@@ -1,0 +1,227 @@
+"""THE optimizer registry of ``orthotorch compare`` and ``orthotorch bench``.
+
+An entry is a factory ``(model_or_param_groups, lr, adamw_lr) -> Optimizer`` plus default
+learning rates per task. ``lr`` is the optimizer's headline learning rate (the orthogonalized
+group's, for Muon-like optimizers); ``adamw_lr`` is the learning rate of the parameters every
+optimizer here updates with AdamW (embeddings, output head, norms, biases), which a comparison
+sets to the AdamW baseline's own lr so that only the hidden-matrix update differs.
+
+Adding an optimizer (ROOT, AuON, ...) is one :func:`register_optimizer` call or one entry in
+:data:`OPTIMIZERS`; ``compare``, ``bench`` and the tests pick it up.
+
+Weight decay is 0 for every entry: the runs are short, and a shared zero keeps the comparison
+about the update direction rather than about how each optimizer scales its decay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..optim import Muon
+from ..routing import param_groups, route_parameters
+
+__all__ = [
+    "OPTIMIZERS",
+    "OptimizerSpec",
+    "TorchMuonWithAdamW",
+    "available_optimizers",
+    "get_optimizer",
+    "optimizer_state_bytes",
+    "register_optimizer",
+]
+
+ModelOrGroups = nn.Module | list[dict[str, Any]]
+OptimizerFactory = Callable[[ModelOrGroups, float, float], Any]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A registry entry.
+
+    Attributes:
+        name: registry key (``--optimizers``).
+        factory: ``(model_or_param_groups, lr, adamw_lr) -> optimizer``; a model is routed with
+            :func:`orthotorch.param_groups`, a list of groups is used as given.
+        lr: default ``lr`` per task name; the key ``"*"`` is the fallback for other tasks.
+        description: one line for help texts and reports.
+    """
+
+    name: str
+    factory: OptimizerFactory
+    lr: Mapping[str, float] = field(default_factory=dict)
+    description: str = ""
+
+    def default_lr(self, task: str) -> float:
+        """The default learning rate of this optimizer on ``task``."""
+        if task in self.lr:
+            return self.lr[task]
+        if "*" in self.lr:
+            return self.lr["*"]
+        raise ValueError(f"optimizer {self.name!r} has no default lr for task {task!r}; pass one")
+
+    def build(self, model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Any:
+        """Construct the optimizer."""
+        return self.factory(model_or_groups, lr, adamw_lr)
+
+
+def _groups(model_or_groups: ModelOrGroups) -> list[dict[str, Any]]:
+    if isinstance(model_or_groups, nn.Module):
+        return param_groups(model_or_groups)
+    return [dict(g) for g in model_or_groups]
+
+
+def _adamw(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
+    # The baseline: every parameter with torch.optim.AdamW at one lr (``adamw_lr`` is this
+    # optimizer's own lr by construction of a comparison, so it is not used separately).
+    del adamw_lr
+    params = [p for g in _groups(model_or_groups) for p in _tensors(g["params"])]
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def _muon(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
+    groups = _groups(model_or_groups)
+    return Muon(groups, lr=lr, weight_decay=0.0, adamw_lr=adamw_lr)
+
+
+def _tensors(params: Iterable[Any]) -> list[Tensor]:
+    return [p[1] if isinstance(p, tuple) else p for p in params]
+
+
+class TorchMuonWithAdamW:
+    """``torch.optim.Muon`` on the 2-D hidden matrices + ``torch.optim.AdamW`` on the rest.
+
+    ``torch.optim.Muon`` accepts only 2-D parameters and has no AdamW groups, so this is the
+    usual way to use it: hidden matrices from :func:`orthotorch.route_parameters` that are 2-D
+    go to Muon; embeddings, the head, norms, biases and *convolution kernels* (which
+    ``torch.optim.Muon`` rejects) go to AdamW. It is the outside reference (``torch-muon``) for
+    ``orthotorch.Muon`` and mirrors the optimizer API the runner uses (``step``, ``zero_grad``,
+    ``state``, ``param_groups``, ``state_dict``).
+    """
+
+    def __init__(
+        self, muon_params: list[Tensor], adamw_params: list[Tensor], lr: float, adamw_lr: float
+    ) -> None:
+        self.optimizers: list[Optimizer] = []
+        if muon_params:
+            self.optimizers.append(torch.optim.Muon(muon_params, lr=lr, weight_decay=0.0))
+        if adamw_params:
+            self.optimizers.append(
+                torch.optim.AdamW(adamw_params, lr=adamw_lr, betas=(0.9, 0.95), weight_decay=0.0)
+            )
+
+    @classmethod
+    def from_model(cls, model: nn.Module, lr: float, adamw_lr: float) -> TorchMuonWithAdamW:
+        """Split ``model`` with :func:`orthotorch.route_parameters` (2-D hidden -> Muon)."""
+        muon, rest = [], []
+        for _, p, route, _ in route_parameters(model):
+            (muon if route == "orthogonal" and p.ndim == 2 else rest).append(p)
+        return cls(muon, rest, lr, adamw_lr)
+
+    @classmethod
+    def from_groups(
+        cls, groups: list[dict[str, Any]], lr: float, adamw_lr: float
+    ) -> TorchMuonWithAdamW:
+        """Split param groups: 2-D tensors of non-``"adamw"`` groups -> Muon, the rest AdamW."""
+        muon, rest = [], []
+        for g in groups:
+            for p in _tensors(g["params"]):
+                (rest if g.get("algorithm") == "adamw" or p.ndim != 2 else muon).append(p)
+        return cls(muon, rest, lr, adamw_lr)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict[Tensor, Any]:
+        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+
+def _torch_muon(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> TorchMuonWithAdamW:
+    if isinstance(model_or_groups, nn.Module):
+        return TorchMuonWithAdamW.from_model(model_or_groups, lr, adamw_lr)
+    return TorchMuonWithAdamW.from_groups(list(model_or_groups), lr, adamw_lr)
+
+
+# Default learning rates: the best of a short sweep per task (2 seeds, default steps, constant
+# lr, CPU): bytelm AdamW {6e-4, 1e-3, 2e-3, 3e-3, 1e-2}, Muon {0.01, 0.02, 0.05}; digits AdamW
+# {1e-3, 3e-3, 1e-2}, Muon {0.01, 0.02, 0.05}; matrix AdamW {1e-3 .. 3e-2}, Muon {5e-3, 0.02,
+# 0.05}. Redo it for your setting with ``--lr name=value``.
+OPTIMIZERS: dict[str, OptimizerSpec] = {}
+
+
+def register_optimizer(spec: OptimizerSpec, *, overwrite: bool = False) -> None:
+    """Add ``spec`` to :data:`OPTIMIZERS` under ``spec.name``."""
+    if spec.name in OPTIMIZERS and not overwrite:
+        raise ValueError(f"optimizer {spec.name!r} is already registered; pass overwrite=True")
+    OPTIMIZERS[spec.name] = spec
+
+
+register_optimizer(
+    OptimizerSpec(
+        "adamw",
+        _adamw,
+        lr={"bytelm": 1e-3, "digits": 3e-3, "matrix": 1e-3, "*": 1e-3},
+        description="torch.optim.AdamW on every parameter (the baseline)",
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        "muon",
+        _muon,
+        lr={"bytelm": 0.02, "digits": 0.01, "matrix": 5e-3, "*": 0.02},
+        description="orthotorch.Muon (Polar Express, 5 steps, bf16) + AdamW groups",
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        "torch-muon",
+        _torch_muon,
+        lr={"bytelm": 0.02, "digits": 0.01, "matrix": 5e-3, "*": 0.02},
+        description="torch.optim.Muon on 2-D hidden matrices + torch.optim.AdamW on the rest",
+    )
+)
+
+
+def available_optimizers() -> list[str]:
+    """Names of the registered optimizers."""
+    return list(OPTIMIZERS)
+
+
+def get_optimizer(name: str) -> OptimizerSpec:
+    """Look an optimizer up, with an error that lists the valid names."""
+    try:
+        return OPTIMIZERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}"
+        ) from None
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Sum of ``nbytes`` over every tensor in ``optimizer.state`` (one level of nesting)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values() if isinstance(state, Mapping) else ():
+            if isinstance(value, Tensor):
+                total += value.nbytes
+            elif isinstance(value, (list, tuple)):
+                total += sum(v.nbytes for v in value if isinstance(v, Tensor))
+    return total
