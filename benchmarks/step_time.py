@@ -35,6 +35,26 @@ class TorchMuonWithAdamW:
 
 LR = 0.02
 
+# Rows beyond Muon. ROOT runs with adjust_lr="original" so that update_error can divide out
+# the same scale as for Muon (the scale changes no timing).
+EXTRA = {
+    "orthotorch.ROOT": lambda groups, wd: orthotorch.ROOT(
+        groups, lr=LR, adamw_lr=3e-3, weight_decay=wd, adjust_lr="original"
+    ),
+    "orthotorch.AuON": lambda groups, wd: orthotorch.AuON(
+        groups, lr=0.1, adamw_lr=3e-3, weight_decay=wd
+    ),
+    "orthotorch.AuON[hybrid]": lambda groups, wd: orthotorch.AuON(
+        groups, lr=0.1, adamw_lr=3e-3, weight_decay=wd, hybrid=True
+    ),
+}
+# (row, baseline, target ratio) from issue 4.
+TARGETS = (
+    ("orthotorch.ROOT", "orthotorch.Muon[polar_express]", 1.1),
+    ("orthotorch.AuON", "torch.optim.AdamW", 1.3),
+    ("orthotorch.AuON[hybrid]", "orthotorch.Muon[polar_express]", 0.4),
+)
+
 
 def build(name: str, device: str, weight_decay: float = 0.1):
     hidden, adamw = reference_named_parameters(0, device)
@@ -43,6 +63,9 @@ def build(name: str, device: str, weight_decay: float = 0.1):
         opt = torch.optim.AdamW(params, lr=3e-3, betas=(0.9, 0.95))
     elif name == "torch.optim.Muon":
         opt = TorchMuonWithAdamW(hidden, adamw, lr=LR, weight_decay=weight_decay)
+    elif name in EXTRA:
+        groups = [{"params": hidden}, {"params": adamw, "algorithm": "adamw"}]
+        opt = EXTRA[name](groups, weight_decay)
     else:
         method = name.split("[")[1].rstrip("]")
         opt = orthotorch.Muon(
@@ -58,8 +81,8 @@ def build(name: str, device: str, weight_decay: float = 0.1):
 def update_error(name: str, device: str) -> float:
     """Orthogonality error of the direction a fresh optimizer steps along for one gradient
     (weight decay off, lr and shape scale divided out), averaged over the hidden matrices."""
-    if name == "torch.optim.AdamW":
-        return float("nan")
+    if name == "torch.optim.AdamW" or name.startswith("orthotorch.AuON"):
+        return float("nan")  # not orthogonal by design
     opt, params = build(name, device, weight_decay=0.0)
     hidden = params[: 4 * 6]
     before = [p.detach().clone() for p in hidden]
@@ -78,10 +101,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--methods", default="polar_express,muon,jiacheng")
+    ap.add_argument("--no-extra", action="store_true", help="skip the ROOT and AuON rows")
     args = ap.parse_args()
     names = ["torch.optim.AdamW", "torch.optim.Muon"] + [
         f"orthotorch.Muon[{m}]" for m in args.methods.split(",")
     ]
+    if not args.no_extra:
+        names += list(EXTRA)
     built = {n: build(n, args.device) for n in names}
     times: dict[str, list[float]] = {n: [] for n in names}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -106,6 +132,11 @@ def main() -> None:
         err = update_error(n, args.device)
         err_s = "-" if err != err else f"{err:.3f}"
         print(f"| {n} | {med * 1e3:.1f} | {med / ref:.2f}x | {err_s} |")
+    for row, base, target in TARGETS:
+        if row in times and base in times:
+            ratio = statistics.median(times[row]) / statistics.median(times[base])
+            verdict = "ok" if ratio <= target else "MISSED"
+            print(f"{row} / {base}: {ratio:.2f}x (target <= {target}x: {verdict})")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def test_dtype_is_kept(info: OptimizerInfo) -> None:
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     for state in opt.state.values():
         for value in state.values():
-            if torch.is_tensor(value) and value.ndim > 0:
+            # Integer state (DCTAdamW's int32 column indices) is not a floating dtype to keep.
+            if torch.is_tensor(value) and value.ndim > 0 and value.is_floating_point():
                 assert value.dtype == torch.bfloat16
 
 

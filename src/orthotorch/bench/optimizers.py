@@ -225,3 +225,36 @@ def optimizer_state_bytes(optimizer: Any) -> int:
             elif isinstance(value, (list, tuple)):
                 total += sum(v.nbytes for v in value if isinstance(v, Tensor))
     return total
+
+
+# Issue 7: SPECTRA around the AdamW baseline, and ARO. Both reuse AdamW's learning rates (SPECTRA
+# changes only large singular values of AdamW's update; ARO's update is RMS-matched to AdamW's);
+# not swept yet.
+def _spectra_adamw(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
+    from ..optim import SPECTRA
+
+    return SPECTRA(_adamw(model_or_groups, lr, adamw_lr), clip=10.0)
+
+
+def _aro(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
+    from ..optim import ARO
+
+    return ARO(_groups(model_or_groups), lr=lr, weight_decay=0.0, adamw_lr=adamw_lr)
+
+
+register_optimizer(
+    OptimizerSpec(
+        "spectra-adamw",
+        _spectra_adamw,
+        lr={"bytelm": 1e-3, "digits": 3e-3, "matrix": 1e-3, "*": 1e-3},
+        description="SPECTRA(torch.optim.AdamW): AdamW's update soft-clipped at spectral norm 10",
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        "aro",
+        _aro,
+        lr={"bytelm": 1e-3, "digits": 3e-3, "matrix": 1e-3, "*": 1e-3},
+        description="orthotorch.ARO (rotated SinkGD, RMS-matched to AdamW) + AdamW groups",
+    )
+)

@@ -10,6 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .dct import (
+    clear_dct_cache,
+    column_scores,
+    dct,
+    dct_basis,
+    dct_column_scores,
+    select_columns,
+)
 from .newton_schulz import (
     JIACHENG_COEFFICIENTS,
     MUON_COEFFICIENTS,
@@ -25,15 +33,30 @@ from .registry import (
     newton_schulz_method,
     register_method,
 )
+from .root import (
+    ROOT_COEFFICIENTS,
+    ROOT_GUARDED_COEFFICIENTS,
+    guard_coefficients,
+    root_schedule,
+)
+from .spectral import spectral_clip, spectral_clip_reference
 
 __all__ = [
     "JIACHENG_COEFFICIENTS",
     "MUON_COEFFICIENTS",
     "POLAR_EXPRESS_COEFFICIENTS",
+    "ROOT_COEFFICIENTS",
+    "ROOT_GUARDED_COEFFICIENTS",
     "OrthogonalizationMethod",
     "available_methods",
     "check_matrix_input",
+    "clear_dct_cache",
+    "column_scores",
+    "dct",
+    "dct_basis",
+    "dct_column_scores",
     "get_method",
+    "guard_coefficients",
     "iterate_scalar",
     "newton_schulz",
     "newton_schulz_method",
@@ -43,6 +66,10 @@ __all__ = [
     "polar",
     "register_method",
     "resolve_compute",
+    "root_schedule",
+    "select_columns",
+    "spectral_clip",
+    "spectral_clip_reference",
     "table_schedule",
 ]
 

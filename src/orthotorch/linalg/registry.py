@@ -187,3 +187,29 @@ register_method(
         description="exact U V^T from torch.linalg.svd (reference; slow)",
     )
 )
+
+
+def _register_root() -> None:
+    # Imported here, not at the top: root.py builds on newton_schulz.py only, and registering
+    # last keeps the registry's order (and every table that lists it) unchanged for the others.
+    from .root import root_iterate, root_schedule
+
+    register_method(
+        OrthogonalizationMethod(
+            name="root",
+            iterate=root_iterate,
+            default_steps=5,
+            default_dtype=torch.bfloat16,
+            dtypes=_NS_DTYPES,
+            # Union over ROOT's guarded table and Muon's fallback of the exact 5-step band
+            # (upper 1.2353 from the (2048, 3072) entry, lower 0.652 from (2048, 8192)), widened
+            # by 0.05 for bf16 rounding, as for the methods above.
+            band=(0.60, 1.29),
+            band_from=3e-3,
+            schedule=root_schedule,
+            description="ROOT: per-shape quintics (guarded), Muon's elsewhere; safe normalisation",
+        )
+    )
+
+
+_register_root()

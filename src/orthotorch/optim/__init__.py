@@ -1,6 +1,21 @@
 """Optimizer classes: thin wrappers that validate, gather state, and call ``functional``."""
 
 from ._base import NonFiniteGradientError, OrthogonalOptimizer
+from .aro import ARO
+from .auon import AuON
+from .lowrank import DCTAdamW, GaLoreAdamW
 from .muon import Muon
+from .root import ROOT
+from .spectra import SPECTRA
 
-__all__ = ["Muon", "NonFiniteGradientError", "OrthogonalOptimizer"]
+__all__ = [
+    "ARO",
+    "ROOT",
+    "SPECTRA",
+    "AuON",
+    "DCTAdamW",
+    "GaLoreAdamW",
+    "Muon",
+    "NonFiniteGradientError",
+    "OrthogonalOptimizer",
+]

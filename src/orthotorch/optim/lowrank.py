@@ -1,0 +1,415 @@
+"""Memory-light low-rank Adam: ``orthotorch.DCTAdamW`` (SVD-free) and ``orthotorch.GaLoreAdamW``.
+
+Both are thin classes over :mod:`orthotorch.functional.lowrank`; they differ only in the
+:class:`~orthotorch.functional.lowrank.SubspaceFinder` and its options.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..functional import Bucket, matrix_shape, nesterov_momentum_, shape_scale
+from ..functional.lowrank import (
+    DCT_FINDER,
+    SVD_FINDER,
+    SubspaceFinder,
+    back_project,
+    lowrank_shape,
+    orthogonalize_lowrank,
+    project,
+    projected_adam_,
+    resolve_rank,
+    rotate_moments_,
+    wide,
+)
+from ..linalg import resolve_compute
+from ..linalg.dct import SCORE_NORMS
+from ._base import ADAMW, OrthogonalOptimizer, check_range
+
+__all__ = ["DCTAdamW", "GaLoreAdamW"]
+
+
+class _Projected(list):
+    """The low-rank momenta ``_momentum`` hands to ``_direction``, with the step's projectors.
+
+    The skeleton passes ``_momentum``'s return value straight to ``_direction``; carrying the
+    projectors along saves a second DCT gather per weight, and keeps them out of the state
+    (storing them would undo the memory saving).
+    """
+
+    def __init__(self, momenta: list[Tensor], projectors: list[Tensor]) -> None:
+        super().__init__(momenta)
+        self.projectors = projectors
+
+
+class _LowRankAdamW(OrthogonalOptimizer):
+    """Shared class of the low-rank optimizers: hooks of the base step skeleton.
+
+    ``_momentum`` refreshes subspaces when due, projects the gradients and runs Adam (or
+    momentum) on the projections; ``_direction`` orthogonalizes (optionally) and back-projects;
+    the base applies ``lr``, the scale and decoupled weight decay.
+    """
+
+    finder: ClassVar[SubspaceFinder]
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        adamw_lr: float | None,
+        check_finite: bool,
+        skip_nonfinite: bool,
+    ) -> None:
+        super().__init__(
+            params,
+            defaults,
+            adamw_lr=adamw_lr,
+            check_finite=check_finite,
+            skip_nonfinite=skip_nonfinite,
+        )
+
+    # ------------------------------------------------------------------ validation
+    def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"{label}: betas must be a pair (beta1, beta2), got {betas!r}")
+        check_range(label, "betas[0]", betas[0], 0.0, 1.0)
+        check_range(label, "betas[1]", betas[1], 0.0, 1.0)
+        check_range(label, "eps", group["eps"], 0.0, math.inf, lo_open=True)
+        check_range(label, "scale", group["scale"], 0.0, math.inf, lo_open=True)
+        every = group["update_every"]
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"{label}: update_every must be a positive int, got {every!r}")
+        for key in ("rotate_moments", "orthogonalize", "nesterov"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"{label}: {key} must be True or False, got {group[key]!r}")
+        check_range(label, "momentum", group["momentum"], 0.0, 1.0)
+        if group["orthogonalize"]:
+            try:
+                resolve_compute(group["ns_method"], group["ns_steps"], group["ns_dtype"])
+            except ValueError as err:
+                raise ValueError(f"{label}: {err}") from None
+        for i, p in enumerate(group["params"]):
+            shape = matrix_shape(p.shape)
+            try:
+                resolve_rank(group["rank"], shape)
+            except ValueError as err:
+                raise ValueError(
+                    f"{label}: parameter {self._param_label(group, i)} of shape "
+                    f"{tuple(p.shape)} (a {shape[0]}x{shape[1]} matrix): {err}"
+                ) from None
+
+    # ------------------------------------------------------------------ hooks
+    def _init_state(
+        self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        adam = not group["orthogonalize"]
+        for p, state in zip(params, states, strict=True):
+            if "step" in state:
+                continue
+            shape = lowrank_shape(p.shape, resolve_rank(group["rank"], matrix_shape(p.shape)))
+            state["step"] = torch.tensor(0.0)
+            if adam:
+                state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            else:
+                state["momentum_buffer"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+    def _refresh_subspaces(
+        self, group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> None:
+        """New subspaces for the parameters whose step count is a multiple of ``update_every``
+        (every parameter at its first step); rotates their moments if asked to."""
+        key = self.finder.state_key
+        first, second, rotations = [], [], []
+        for G, state in zip(grads, states, strict=True):
+            # CPU step counter: no device sync.
+            if int(state["step"]) % group["update_every"] != 0:
+                continue
+            X = wide(G.reshape(matrix_shape(G.shape)))
+            rank = resolve_rank(group["rank"], tuple(X.shape))
+            new = self.finder.find(X, rank, group)
+            old = state.get(key)
+            state[key] = new
+            if old is not None and group["rotate_moments"]:
+                M = state.get("exp_avg", state.get("momentum_buffer"))
+                first.append(M)
+                second.append(state.get("exp_avg_sq"))
+                rotations.append(self.finder.rotation(old, new))
+        if rotations:
+            rotate_moments_(first, second, rotations)
+
+    def _momentum(
+        self, group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> list[Tensor]:
+        self._refresh_subspaces(group, grads, states)
+        key = self.finder.state_key
+        projectors = [
+            self.finder.projector(s[key], min(matrix_shape(G.shape)), G)
+            for s, G in zip(states, grads, strict=True)
+        ]
+        projected = [project(G, P) for G, P in zip(grads, projectors, strict=True)]
+        if group["orthogonalize"]:
+            for s in states:
+                s["step"] += 1
+            bufs = [s["momentum_buffer"] for s in states]
+            momenta = nesterov_momentum_(projected, bufs, group["momentum"], group["nesterov"])
+            return _Projected(momenta, projectors)
+        beta1, beta2 = group["betas"]
+        directions = projected_adam_(
+            projected,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+        )
+        return _Projected(directions, projectors)
+
+    def _direction(
+        self, group: dict[str, Any], momenta: list[Tensor], states: list[dict[str, Any]]
+    ) -> list[Bucket]:
+        assert isinstance(momenta, _Projected), "_direction takes _momentum's return value"
+        projectors = momenta.projectors
+        if group["orthogonalize"]:
+            spec, steps, compute = resolve_compute(
+                group["ns_method"], group["ns_steps"], group["ns_dtype"]
+            )
+            momenta = orthogonalize_lowrank(momenta, spec, steps, compute)
+        buckets = []
+        for i, (D, P) in enumerate(zip(momenta, projectors, strict=True)):
+            U = back_project(D, P)  # k x N
+            # Tall weights (and only they) have strictly tall projected moments (r <= k < N).
+            shape = (U.shape[1], U.shape[0]) if D.shape[0] > D.shape[1] else tuple(U.shape)
+            buckets.append(Bucket(shape, [i], U.unsqueeze(0)))
+        return buckets
+
+    def _scale(self, group: dict[str, Any], shape: tuple[int, int]) -> float:
+        if group["orthogonalize"]:
+            # A polar factor has unit singular values; give it AdamW's typical RMS (Liu et al.).
+            return group["scale"] * shape_scale(shape, "match_rms_adamw")
+        return group["scale"]
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict`` plus two low-rank guards.
+
+        - A state saved with a different rank raises ``ValueError`` naming the parameter,
+          instead of loading moments of the wrong shape.
+        - ``torch.optim`` casts every non-``"step"`` state tensor to the parameter's dtype, which
+          would turn the int32 DCT indices into floats (and round them in bf16); they are
+          restored exactly.
+        """
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        id_to_param = {}
+        if len(saved_groups) == len(self.param_groups):  # else torch raises its own error
+            for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+                if len(saved["params"]) != len(group["params"]):
+                    continue
+                id_to_param.update(zip(saved["params"], group["params"]))
+                if group["algorithm"] != ADAMW:
+                    self._check_saved_ranks(group, index, saved["params"], saved_state)
+        super().load_state_dict(state_dict)
+        key = self.finder.state_key
+        for pid, p in id_to_param.items():
+            saved = saved_state.get(pid, {})
+            if key in saved and not saved[key].is_floating_point():
+                self.state[p][key] = saved[key].to(device=p.device, dtype=torch.int32, copy=True)
+
+    def _check_saved_ranks(
+        self, group: dict[str, Any], index: int, saved_ids: list[Any], saved_state: dict
+    ) -> None:
+        for i, (pid, p) in enumerate(zip(saved_ids, group["params"], strict=True)):
+            state = saved_state.get(pid, {})
+            moment = state.get("exp_avg", state.get("momentum_buffer"))
+            if moment is None:
+                continue
+            expected = lowrank_shape(p.shape, resolve_rank(group["rank"], matrix_shape(p.shape)))
+            if tuple(moment.shape) != expected:
+                raise ValueError(
+                    f"{self._group_label(group, index)}: the saved state of parameter "
+                    f"{self._param_label(group, i)} (shape {tuple(p.shape)}) has low-rank "
+                    f"moments of shape {tuple(moment.shape)} (rank {min(moment.shape)}), but "
+                    f"this optimizer uses rank {min(expected)} (moments {expected}). Construct "
+                    "the optimizer with the rank the checkpoint was saved with."
+                )
+
+
+_SHARED_ARGS_DOC = """
+    Args:
+        params: tensors, ``(name, tensor)`` pairs or group dicts (see
+            :func:`orthotorch.param_groups`). Low-rank groups take 2-D weights (convolution
+            kernels are flattened to ``(shape[0], -1)``); put embeddings, heads, biases and
+            norms in ``"adamw"`` groups.
+        lr: learning rate ``eta`` (default ``1e-3``).
+        rank: ``r``: an int in ``[1, min(m, n)]`` for every matrix, or a float in ``(0, 1]``,
+            the fraction of each matrix's smaller side (default ``0.25``).
+        update_every: ``T``, steps between subspace refreshes (default ``200``, GaLore's).
+        scale: ``alpha``, the back-projection scale (default ``0.25``, GaLore's).
+        rotate_moments: move the moments into the new subspace at each refresh.
+        weight_decay: decoupled weight decay ``lambda`` (default ``0``).
+        betas, eps: Adam's ``(beta1, beta2)`` and ``epsilon`` for the low-rank moments and the
+            ``"adamw"`` groups (default ``(0.9, 0.999)``, ``1e-8``).
+        orthogonalize: instead of Adam, Nesterov momentum ``momentum`` in the subspace followed
+            by Newton–Schulz (``ns_method``, ``ns_steps``, ``ns_dtype`` as in
+            :class:`orthotorch.Muon`), scaled by ``0.2 sqrt(max(m, n))`` times ``scale``
+            (keeps AdamW's lr range). State: one ``r``-dim momentum buffer.
+        adamw_lr: default ``lr`` of ``"adamw"`` groups that set none (``None``: ``lr``).
+        check_finite: raise on NaN/Inf gradients before changing anything (one sync per step).
+        skip_nonfinite: skip (and count in state) updates of parameters with NaN/Inf gradients.
+"""
+
+
+class DCTAdamW(_LowRankAdamW):
+    r"""SVD-free low-rank AdamW: Adam in the span of ``r`` DCT columns picked per layer.
+
+    For each weight ``W`` (``m x n``; ``X`` the wide view of its gradient, ``k = min(m, n)``):
+
+    .. math::
+       \begin{aligned}
+       &\text{every } T \text{ steps: } s_j = \lVert X^\top q_j \rVert,\
+         \mathcal{I} = \operatorname{top}_r(s), \ P = Q_{:, \mathcal{I}} \\
+       &R_t = P^\top X_t, \quad M_t, V_t \leftarrow \mathrm{Adam}(R_t), \quad
+         N_t = \hat M_t / (\sqrt{\hat V_t} + \epsilon) \\
+       &W_t = (1 - \eta\lambda) W_{t-1} - \eta\,\alpha\, P N_t
+       \end{aligned}
+
+    ``Q`` is the orthonormal DCT-II basis of size ``k``, computed once and shared by all layers
+    and optimizers (:func:`orthotorch.linalg.dct_basis`); the scores come from an FFT-based DCT
+    in ``O(k N log k)`` instead of an SVD. The state per weight is the two ``r``-dim moments,
+    ``r`` int32 column indices and a CPU step counter: no float projection matrix. When the
+    selection changes, the moments of kept columns move with them and new columns start from
+    zero (``rotate_moments``, exact here since the basis is shared).
+
+    Reference: Modoranu et al., "SVD-Free Low-Rank Adaptive Gradient Optimization for Large
+    Language Models" (2025); GaLore (Zhao et al., 2024) for the projected-Adam scheme.
+    {args}
+        score_norm: ``"l2"`` (captured energy; default) or ``"l1"`` column scores.
+
+    Example:
+        >>> opt = DCTAdamW(orthotorch.param_groups(model), lr=4e-3, rank=0.25, adamw_lr=1e-3)
+    """
+
+    algorithm = "dct_adamw"
+    finder = DCT_FINDER
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        rank: int | float = 0.25,
+        update_every: int = 200,
+        scale: float = 0.25,
+        rotate_moments: bool = True,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        score_norm: str = "l2",
+        orthogonalize: bool = False,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_method: str = "polar_express",
+        ns_steps: int | None = None,
+        ns_dtype: torch.dtype | None = None,
+        *,
+        adamw_lr: float | None = None,
+        check_finite: bool = True,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, rank=rank, update_every=update_every, scale=scale,
+            rotate_moments=rotate_moments, weight_decay=weight_decay, betas=betas, eps=eps,
+            score_norm=score_norm, orthogonalize=orthogonalize, momentum=momentum,
+            nesterov=nesterov, ns_method=ns_method, ns_steps=ns_steps, ns_dtype=ns_dtype,
+        )  # fmt: skip
+        super().__init__(
+            params,
+            defaults,
+            adamw_lr=adamw_lr,
+            check_finite=check_finite,
+            skip_nonfinite=skip_nonfinite,
+        )
+
+    def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
+        if group["score_norm"] not in SCORE_NORMS:
+            raise ValueError(
+                f"{label}: score_norm must be one of {', '.join(map(repr, SCORE_NORMS))}, "
+                f"got {group['score_norm']!r}"
+            )
+        super()._validate_orthogonal_group(group, label)
+
+
+class GaLoreAdamW(_LowRankAdamW):
+    r"""GaLore: AdamW in the span of each gradient's top-``r`` singular vectors (SVD baseline).
+
+    .. math::
+       \begin{aligned}
+       &\text{every } T \text{ steps: } X = U S V^\top, \quad P = U_{:, :r} \\
+       &R_t = P^\top X_t, \quad M_t, V_t \leftarrow \mathrm{Adam}(R_t), \quad
+         N_t = \hat M_t / (\sqrt{\hat V_t} + \epsilon) \\
+       &W_t = (1 - \eta\lambda) W_{t-1} - \eta\,\alpha\, P N_t
+       \end{aligned}
+
+    Same conventions and code as :class:`DCTAdamW` (projection on the smaller side, ``"adamw"``
+    groups, checkpoints); the subspace comes from a float32 SVD and the ``k x r`` projector is
+    stored per weight, as in the reference implementation. ``rotate_moments`` defaults to
+    ``False`` as in GaLore (the rotation of the second moment is an approximation here).
+
+    Reference: Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection" (ICML 2024).
+    {args}
+    Example:
+        >>> opt = GaLoreAdamW(orthotorch.param_groups(model), lr=4e-3, rank=0.25, adamw_lr=1e-3)
+    """
+
+    algorithm = "galore_adamw"
+    finder = SVD_FINDER
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        rank: int | float = 0.25,
+        update_every: int = 200,
+        scale: float = 0.25,
+        rotate_moments: bool = False,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        orthogonalize: bool = False,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_method: str = "polar_express",
+        ns_steps: int | None = None,
+        ns_dtype: torch.dtype | None = None,
+        *,
+        adamw_lr: float | None = None,
+        check_finite: bool = True,
+        skip_nonfinite: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr, rank=rank, update_every=update_every, scale=scale,
+            rotate_moments=rotate_moments, weight_decay=weight_decay, betas=betas, eps=eps,
+            orthogonalize=orthogonalize, momentum=momentum, nesterov=nesterov,
+            ns_method=ns_method, ns_steps=ns_steps, ns_dtype=ns_dtype,
+        )  # fmt: skip
+        super().__init__(
+            params,
+            defaults,
+            adamw_lr=adamw_lr,
+            check_finite=check_finite,
+            skip_nonfinite=skip_nonfinite,
+        )
+
+
+# One Args list for both classes, so that the two stay documented alike.
+for _cls in (DCTAdamW, GaLoreAdamW):
+    _cls.__doc__ = _cls.__doc__.replace("{args}", _SHARED_ARGS_DOC.strip())

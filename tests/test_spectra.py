@@ -1,0 +1,273 @@
+"""spectral_clip against its SVD definition, and the SPECTRA wrapper around torch optimizers."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import orthotorch
+from orthotorch.linalg import spectral_clip, spectral_clip_reference
+from test_optim_common import batch, small_cnn, train
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def with_spectrum(shape: tuple[int, ...], singular_values: torch.Tensor, seed: int = 0):
+    """A random matrix (batch) with the given singular values."""
+    gen = torch.Generator().manual_seed(seed)
+    U, _, Vh = torch.linalg.svd(torch.randn(shape, generator=gen), full_matrices=False)
+    return (U * singular_values.unsqueeze(-2)) @ Vh
+
+
+# ----------------------------------------------------------------------------- spectral_clip
+@pytest.mark.parametrize(
+    "shape,c,top",
+    [
+        ((48, 160), 1.0, 300.0),  # wide, s/c up to 300
+        ((160, 48), 0.1, 300.0),  # tall
+        ((3, 32, 40), 10.0, 50.0),  # batched
+        ((64, 64), 10.0, 0.5),  # nothing to clip: H_c(X) ~ X
+    ],
+)
+def test_spectral_clip_matches_svd(shape, c, top) -> None:
+    k = min(shape[-2:])
+    # Log-spaced spectrum from top * c down to c / 100: saturated, transitional and untouched
+    # directions all at once (the ones at s << c have the smallest weight in Z's polar factor).
+    s = torch.logspace(math.log10(top * c), math.log10(c / 100), k)
+    X = with_spectrum(shape, s)
+    Y = spectral_clip(X, c)
+    assert Y.shape == X.shape and Y.dtype == X.dtype
+    assert rel_err(Y, spectral_clip_reference(X, c)) < 1e-2
+    assert torch.linalg.matrix_norm(Y.double(), ord=2).max() < c
+
+
+def test_spectral_clip_is_accurate_with_every_registered_polar_method() -> None:
+    X = with_spectrum((32, 96), torch.logspace(2, -1, 32))
+    reference = spectral_clip_reference(X, 1.0)
+    for method in ("polar_express", "muon", "jiacheng", "root"):
+        assert rel_err(spectral_clip(X, 1.0, method=method), reference) < 1e-2, method
+
+
+def test_spectral_clip_zero_and_dtype() -> None:
+    assert torch.equal(spectral_clip(torch.zeros(4, 8, 16), 1.0), torch.zeros(4, 8, 16))
+    X = with_spectrum((16, 24), torch.logspace(1, -1, 16)).bfloat16()
+    Y = spectral_clip(X, 1.0)
+    assert Y.dtype == torch.bfloat16
+    assert rel_err(Y, spectral_clip_reference(X.float(), 1.0)) < 2e-2  # bf16 input rounding
+
+
+def test_spectral_clip_bad_input() -> None:
+    X = torch.randn(8, 8)
+    X[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"X of shape \(8, 8\) contains NaN or Inf"):
+        spectral_clip(X, 1.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), "1", True):
+        with pytest.raises(ValueError, match=r"c must be a positive finite number"):
+            spectral_clip(torch.randn(4, 4), bad)
+    with pytest.raises(ValueError, match=r"at least 2 dimensions"):
+        spectral_clip(torch.randn(4), 1.0)
+    with pytest.raises(ValueError, match=r"unknown orthogonalization method 'qr'"):
+        spectral_clip(torch.randn(4, 4), 1.0, method="qr")
+    with pytest.raises(ValueError, match=r"polish_steps must be a non-negative int"):
+        spectral_clip(torch.randn(4, 4), 1.0, polish_steps=-1)
+
+
+# ----------------------------------------------------------------------------- SPECTRA
+def adamw(model: nn.Module, **kw) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), **{"lr": 3e-3, "weight_decay": 0.1, **kw})
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=0.5, weight_decay=0.01),
+        lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=0.01),  # coupled: lambda = 0
+    ],
+    ids=["AdamW", "SGD", "Adam-coupled"],
+)
+def test_step_is_the_clipped_base_update(base) -> None:
+    """X_{k+1} = (1 - lambda eta) X_k - alpha eta H_c(U), U recovered from the base step."""
+    gen = torch.Generator().manual_seed(0)
+    W = nn.Parameter(torch.randn(24, 8, generator=gen))  # tall: alpha = sqrt(3)
+    b = nn.Parameter(torch.randn(8, generator=gen))
+    W_ref, b_ref = copy.deepcopy(W), copy.deepcopy(b)
+    opt = orthotorch.SPECTRA(base([W, b]), clip=0.01)
+    plain = base([W_ref, b_ref])
+    for step in range(3):
+        G = torch.randn(24, 8, generator=gen)
+        g = torch.randn(8, generator=gen)
+        W.grad, b.grad, W_ref.grad, b_ref.grad = G, g, G.clone(), g.clone()
+        X_k = W_ref.detach().clone()
+        plain.step()
+        group = plain.param_groups[0]
+        eta = group["lr"]
+        lam = orthotorch.optim.spectra.decoupled_weight_decay(plain, group)
+        U = (X_k - W_ref.detach()) / eta - lam * X_k
+        with torch.no_grad():
+            W_ref.copy_(
+                (1 - lam * eta) * X_k - math.sqrt(3) * eta * spectral_clip_reference(U, 0.01)
+            )
+        opt.step()
+        assert rel_err(W, W_ref) < 1e-5, step
+        assert torch.equal(b, b_ref)  # 1-D parameters keep the base step
+
+
+def test_loss_goes_down_and_clip_bounds_update() -> None:
+    model = small_cnn()
+    opt = orthotorch.SPECTRA(adamw(model, lr=1e-2), clip=10.0)
+    losses = train(model, opt, 40)
+    assert losses[-1] < 0.5 * losses[0]
+    # A tight clip bounds every matrix update's spectral norm by alpha * eta * c.
+    opt = orthotorch.SPECTRA(adamw(model, lr=1e-2, weight_decay=0.0), clip=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 1)
+    for p, x in zip(model.parameters(), before, strict=True):
+        if p.ndim >= 2:
+            d = (p.detach() - x).reshape(p.shape[0], -1)
+            alpha = math.sqrt(max(1.0, d.shape[0] / d.shape[1]))
+            assert torch.linalg.matrix_norm(d, ord=2) <= 1.01 * alpha * 1e-2 * 1e-3
+
+
+def test_wraps_orthotorch_optimizers() -> None:
+    model = small_cnn()
+    base = orthotorch.Muon(orthotorch.param_groups(model), lr=0.02, adamw_lr=3e-3)
+    losses = train(model, orthotorch.SPECTRA(base, clip=10.0), 40)
+    # Plain Muon reaches 0.53x of the first loss in these 40 steps (0.52x wrapped).
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_pre_clip_clips_the_gradient_in_place() -> None:
+    model = nn.Linear(16, 8)
+    opt = orthotorch.SPECTRA(adamw(model), clip=None, pre_clip=0.1)
+    x = torch.randn(32, 16) * 100
+    model(x).square().sum().backward()
+    raw = model.weight.grad.clone()
+    opt.step()
+    assert rel_err(model.weight.grad, spectral_clip_reference(raw, 0.1)) < 1e-3
+    assert torch.linalg.matrix_norm(model.weight.grad, ord=2) <= 0.1 * (1 + 1e-5)
+
+
+def test_group_clip_override_turns_clipping_off() -> None:
+    torch.manual_seed(0)
+    model, ref = nn.Linear(8, 8), None
+    ref = copy.deepcopy(model)
+    opt = orthotorch.SPECTRA(
+        torch.optim.AdamW([{"params": model.parameters(), "clip": None}], lr=0.1), clip=1e-3
+    )
+    plain = torch.optim.AdamW(ref.parameters(), lr=0.1)
+    for m in (model, ref):
+        m(torch.ones(2, 8)).sum().backward()
+    opt.step()
+    plain.step()
+    assert torch.equal(model.weight, ref.weight)
+
+
+def test_resume_from_checkpoint_is_bitwise_equal() -> None:
+    def make(model):
+        return orthotorch.SPECTRA(adamw(model), clip=0.5, pre_clip=2.0)
+
+    model = small_cnn()
+    opt = make(model)
+    train(model, opt, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    train(model, opt, 3, start=3)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    assert saved["opt"]["spectra"]["clip"] == 0.5
+    resumed = small_cnn()
+    resumed.load_state_dict(saved["model"])
+    opt2 = orthotorch.SPECTRA(adamw(resumed), clip=7.0)  # settings come from the checkpoint
+    opt2.load_state_dict(saved["opt"])
+    assert (opt2.clip, opt2.pre_clip) == (0.5, 2.0)
+    assert opt2.state is opt2.optimizer.state
+    train(resumed, opt2, 3, start=3)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # A plain base state dict loads too (and vice versa).
+    torch.optim.AdamW(resumed.parameters()).load_state_dict(opt2.state_dict())
+    opt2.load_state_dict(adamw(resumed).state_dict())
+
+
+def test_non_finite_gradient_raises_and_changes_nothing() -> None:
+    model = small_cnn()
+    opt = orthotorch.SPECTRA(adamw(model), clip=1.0)
+    train(model, opt, 2)
+    params = copy.deepcopy(list(model.parameters()))
+    state = copy.deepcopy(opt.state_dict())
+    x, y = batch()
+    nn.functional.cross_entropy(model(x), y).backward()
+    model[3].weight.grad[0, 0] = float("nan")
+    with pytest.raises(
+        FloatingPointError,
+        match=r"gradient of parameter params\[2\] \(shape \(32, 216\)\) contains NaN",
+    ):
+        opt.step()
+    for a, b in zip(params, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for key, s in state["state"].items():
+        for name, value in s.items():
+            assert torch.equal(value, opt.state_dict()["state"][key][name])
+
+
+def test_scheduler_closure_zero_grad_and_add_param_group() -> None:
+    model = small_cnn()
+    opt = orthotorch.SPECTRA(adamw(model), clip=10.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
+    x, y = batch()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        loss = opt.step(closure)
+        sched.step()
+    assert torch.isfinite(loss)
+    assert opt.param_groups is opt.optimizer.param_groups
+    assert opt.optimizer.param_groups[0]["lr"] == sched.get_last_lr()[0]
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 3))], "clip": 2.0})
+    assert len(opt.optimizer.param_groups) == 2
+    with pytest.raises(ValueError, match=r"param group 2: clip must be a positive finite"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 3))], "clip": -1.0})
+    assert len(opt.optimizer.param_groups) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"clip": 0.0}, r"clip must be a positive finite number .*got 0\.0"),
+        ({"clip": -1.0}, r"clip must be a positive finite number"),
+        ({"clip": float("nan")}, r"clip must be a positive finite number"),
+        ({"pre_clip": 0}, r"pre_clip must be a positive finite number"),
+        ({"clip": None}, r"clip and pre_clip are both None"),
+        ({"method": "qr"}, r"unknown orthogonalization method 'qr'"),
+        ({"steps": 0}, r"steps must be a positive int"),
+        ({"distributed": "ddp"}, r"distributed must be one of 'auto', 'off'"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        orthotorch.SPECTRA(adamw(nn.Linear(2, 2)), **kwargs)
+
+
+def test_wrapped_object_must_be_a_torch_optimizer() -> None:
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"optimizer must be a torch\.optim\.Optimizer.*list"):
+        orthotorch.SPECTRA(list(model.parameters()))
+    with pytest.raises(ValueError, match=r"already wrapped in SPECTRA"):
+        orthotorch.SPECTRA(orthotorch.SPECTRA(adamw(model)))
+    with pytest.raises(ValueError, match=r"param group 0: clip must be a positive finite"):
+        orthotorch.SPECTRA(torch.optim.SGD([{"params": model.parameters(), "clip": 0}], lr=0.1))
