@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..optim import Muon
+from ..optim import ARO, ROOT, SPECTRA, AuON, DCTAdamW, GaLoreAdamW, Muon
 from ..routing import param_groups, route_parameters
 
 __all__ = [
@@ -231,14 +231,10 @@ def optimizer_state_bytes(optimizer: Any) -> int:
 # changes only large singular values of AdamW's update; ARO's update is RMS-matched to AdamW's);
 # not swept yet.
 def _spectra_adamw(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
-    from ..optim import SPECTRA
-
     return SPECTRA(_adamw(model_or_groups, lr, adamw_lr), clip=10.0)
 
 
 def _aro(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
-    from ..optim import ARO
-
     return ARO(_groups(model_or_groups), lr=lr, weight_decay=0.0, adamw_lr=adamw_lr)
 
 
@@ -258,3 +254,37 @@ register_optimizer(
         description="orthotorch.ARO (rotated SinkGD, RMS-matched to AdamW) + AdamW groups",
     )
 )
+
+
+def _orthotorch(cls: type, **options: Any) -> OptimizerFactory:
+    """Factory for an orthotorch optimizer over :func:`orthotorch.param_groups` groups."""
+
+    def factory(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
+        return cls(_groups(model_or_groups), lr=lr, weight_decay=0.0, adamw_lr=adamw_lr, **options)
+
+    return factory
+
+
+# Issues 4 and 6. Learning rates from the authors' recommendations and the short checks in
+# their benchmarks (ROOT: AdamW's, as its scale is AdamW-matched; AuON: unit-Frobenius update;
+# low-rank: lr 1e-2, rank n/4, subspace refresh every 200 steps); not swept per task yet.
+for _name, _factory, _lr, _text in (
+    ("root", _orthotorch(ROOT), None, "orthotorch.ROOT (shape-adaptive NS + outlier clipping)"),
+    ("auon", _orthotorch(AuON), 0.1, "orthotorch.AuON (linear-time, no matrix products)"),
+    ("hybrid-auon", _orthotorch(AuON, hybrid=True), 0.1, "orthotorch.AuON(hybrid=True)"),
+    (
+        "dct-adamw",
+        _orthotorch(DCTAdamW, rank=0.25, update_every=200),
+        1e-2,
+        "orthotorch.DCTAdamW (rank n/4 on a DCT basis, int32 indices)",
+    ),
+    (
+        "galore-adamw",
+        _orthotorch(GaLoreAdamW, rank=0.25, update_every=200),
+        1e-2,
+        "orthotorch.GaLoreAdamW (rank n/4, SVD projector; baseline)",
+    ),
+):
+    # ROOT's default scale (0.2 sqrt(max(m, n))) matches AdamW's update RMS: reuse AdamW's lrs.
+    lrs = OPTIMIZERS["adamw"].lr if _lr is None else {"*": _lr}
+    register_optimizer(OptimizerSpec(_name, _factory, lr=lrs, description=_text))
