@@ -21,7 +21,13 @@ from torch.optim import Optimizer
 
 from .. import distributed
 from ..distributed import DISTRIBUTED_MODES
-from ..functional import Bucket, adamw_step_, apply_buckets_, get_update_rule
+from ..functional import (
+    Bucket,
+    adamw_step_,
+    apply_buckets_,
+    get_update_rule,
+    nesterov_momentum_,
+)
 
 __all__ = ["NonFiniteGradientError", "OrthogonalOptimizer"]
 
@@ -316,15 +322,26 @@ class OrthogonalOptimizer(Optimizer):
         )
 
     # ------------------------------------------------------------------ subclass hooks
+    # The defaults implement the (Nesterov) momentum that Muon, ROOT and AuON share; an
+    # optimizer with other state (ARO's rotation, the low-rank moments) overrides them.
+    def _validate_momentum(self, group: dict[str, Any], label: str) -> None:
+        """Check the ``momentum``/``nesterov`` options the default momentum hook reads."""
+        check_range(label, "momentum", group["momentum"], 0.0, 1.0)
+        if not isinstance(group["nesterov"], bool):
+            raise ValueError(f"{label}: nesterov must be True or False, got {group['nesterov']!r}")
+
     def _init_state(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        raise NotImplementedError
+        for p, state in zip(params, states, strict=True):
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _momentum(
         self, group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> list[Tensor]:
-        raise NotImplementedError
+        bufs = [s["momentum_buffer"] for s in states]
+        return nesterov_momentum_(grads, bufs, group["momentum"], group["nesterov"])
 
     def _direction(
         self, group: dict[str, Any], momenta: list[Tensor], states: list[dict[str, Any]]

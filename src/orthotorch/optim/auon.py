@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from .. import distributed as dist
-from ..functional import Bucket, nesterov_momentum_
+from ..functional import Bucket
 from ..functional.auon import as_buckets, auon_directions, auon_kernel, hybrid_auon_kernel
 from ..linalg import get_method
-from ._base import OrthogonalOptimizer, check_range
+from ._base import OrthogonalOptimizer
 
 __all__ = ["AuON"]
 
@@ -110,28 +110,14 @@ class AuON(OrthogonalOptimizer):
         )
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
-        check_range(label, "momentum", group["momentum"], 0.0, 1.0)
-        for flag in ("nesterov", "hybrid"):
-            if not isinstance(group[flag], bool):
-                raise ValueError(f"{label}: {flag} must be True or False, got {group[flag]!r}")
+        self._validate_momentum(group, label)
+        if not isinstance(group["hybrid"], bool):
+            raise ValueError(f"{label}: hybrid must be True or False, got {group['hybrid']!r}")
         dtype = group["ns_dtype"]
         valid = get_method("muon").dtypes
         if dtype is not None and dtype not in valid:
             names = ", ".join(str(d).removeprefix("torch.") for d in valid)
             raise ValueError(f"{label}: ns_dtype must be None or one of {names}, got {dtype!r}")
-
-    def _init_state(
-        self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
-    ) -> None:
-        for p, state in zip(params, states, strict=True):
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _momentum(
-        self, group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
-    ) -> list[Tensor]:
-        bufs = [s["momentum_buffer"] for s in states]
-        return nesterov_momentum_(grads, bufs, group["momentum"], group["nesterov"])
 
     def _direction(
         self, group: dict[str, Any], momenta: list[Tensor], states: list[dict[str, Any]]

@@ -6,10 +6,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from ..functional import ADJUST_LR_CHOICES, get_update_rule, nesterov_momentum_, shape_scale
-from ._base import OrthogonalOptimizer, check_range
+from ..functional import ADJUST_LR_CHOICES, get_update_rule, shape_scale
+from ._base import OrthogonalOptimizer
 
 __all__ = ["Muon"]
 
@@ -110,9 +109,7 @@ class Muon(OrthogonalOptimizer):
         )
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
-        check_range(label, "momentum", group["momentum"], 0.0, 1.0)
-        if not isinstance(group["nesterov"], bool):
-            raise ValueError(f"{label}: nesterov must be True or False, got {group['nesterov']!r}")
+        self._validate_momentum(group, label)
         if group["adjust_lr"] not in ADJUST_LR_CHOICES:
             raise ValueError(
                 f"{label}: adjust_lr must be one of {', '.join(map(repr, ADJUST_LR_CHOICES))}, "
@@ -122,19 +119,6 @@ class Muon(OrthogonalOptimizer):
             get_update_rule(group["update"]).prepare(group)
         except ValueError as err:
             raise ValueError(f"{label}: {err}") from None
-
-    def _init_state(
-        self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
-    ) -> None:
-        for p, state in zip(params, states, strict=True):
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _momentum(
-        self, group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
-    ) -> list[Tensor]:
-        bufs = [s["momentum_buffer"] for s in states]
-        return nesterov_momentum_(grads, bufs, group["momentum"], group["nesterov"])
 
     def _scale(self, group: dict[str, Any], shape: tuple[int, int]) -> float:
         return shape_scale(shape, group["adjust_lr"])

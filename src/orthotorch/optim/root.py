@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as dist
-from ..functional import ADJUST_LR_CHOICES, Bucket, nesterov_momentum_, shape_scale
+from ..functional import ADJUST_LR_CHOICES, Bucket, shape_scale
 from ..functional.root import DEFAULT_QUANTILE_SAMPLES, root_kernel
 from ..linalg import resolve_compute
 from ._base import OrthogonalOptimizer, check_range
@@ -130,9 +130,7 @@ class ROOT(OrthogonalOptimizer):
         )
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
-        check_range(label, "momentum", group["momentum"], 0.0, 1.0)
-        if not isinstance(group["nesterov"], bool):
-            raise ValueError(f"{label}: nesterov must be True or False, got {group['nesterov']!r}")
+        self._validate_momentum(group, label)
         q = group["outlier_quantile"]
         if q is not None:
             check_range(label, "outlier_quantile", q, 0.0, 1.0, lo_open=True, hi_open=False)
@@ -152,19 +150,6 @@ class ROOT(OrthogonalOptimizer):
             resolve_compute(group["ns_method"], group["ns_steps"], group["ns_dtype"])
         except ValueError as err:
             raise ValueError(f"{label}: {err}") from None
-
-    def _init_state(
-        self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
-    ) -> None:
-        for p, state in zip(params, states, strict=True):
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-    def _momentum(
-        self, group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
-    ) -> list[Tensor]:
-        bufs = [s["momentum_buffer"] for s in states]
-        return nesterov_momentum_(grads, bufs, group["momentum"], group["nesterov"])
 
     def _direction(
         self, group: dict[str, Any], momenta: list[Tensor], states: list[dict[str, Any]]
