@@ -63,10 +63,11 @@ def total_matrices() -> int:
     )
 
 
+@pytest.mark.parametrize("name", ["Muon", "ROOT"])
 @pytest.mark.parametrize("scenario", ["ddp", "fsdp"])
-def test_matches_single_process_and_splits_work(scenario: str, tmp_path: Path) -> None:
-    results = run(scenario, tmp_path)
-    reference = dist_workers.reference("Muon")
+def test_matches_single_process_and_splits_work(scenario: str, name: str, tmp_path: Path) -> None:
+    results = run(scenario, tmp_path, name)
+    reference = dist_workers.reference(name)
     for r in results:
         assert_close_to(reference, r["params"])
     per_step = [r["stats"]["matrices_processed"] / dist_workers.STEPS for r in results]
