@@ -1,0 +1,1 @@
+"""Orthogonality inside models: regularizers, orthogonal layers, compatible representations."""
