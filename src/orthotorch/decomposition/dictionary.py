@@ -1,0 +1,586 @@
+r"""Online orthogonal dictionary learning by Frank–Wolfe steps whose oracle is a polar factor.
+
+Model and conventions (scikit-learn's): samples are the rows of ``X`` (``m x n``); the dictionary
+is ``W = components_`` (``k x n``, ``k <= n``) with orthonormal rows, ``W W^T = I_k`` (the
+column dictionary of the papers is ``D = W^T``, ``D^T D = I_k``); codes are ``C = X W^T`` and the
+reconstruction is ``C W``. For ``k = n`` the dictionary is an orthogonal basis.
+
+**Objectives.** Both are convex functions of ``W``, maximised over the set of ``k x n`` matrices
+with orthonormal rows; its convex hull is the spectral-norm unit ball
+``B = {S : ||S||_2 <= 1}``, and a convex function attains its maximum over ``B`` at an extreme
+point, i.e. at a matrix with orthonormal rows:
+
+- ``"l4"`` (Zhai, Yang, Liao, Wright, Ma, 2020, "Complete Dictionary Learning via
+  l4-Norm Maximization over the Orthogonal Group", JMLR 21):
+
+  .. math:: f(W) = \frac{1}{4m} \|X W^T\|_4^4, \qquad \nabla f(W) = \frac{1}{m} (C^{\circ 3})^T X.
+
+  Maximising the l4 norm of the codes favours spiky (sparse) codes; for ``X = X_0 D_0^T`` with
+  i.i.d. Bernoulli–Gaussian ``X_0`` its maxima are signed permutations of ``D_0^T``.
+- ``"k_sparse"``: the energy kept by the best ``s``-term code,
+
+  .. math:: f(W) = \frac{1}{2m} \sum_i \|H_s(W x_i)\|_2^2, \qquad
+            \partial f(W) \ni \frac{1}{m} H_s(C)^T X,
+
+  with ``H_s`` keeping the ``s`` entries of largest magnitude. Because ``W`` has orthonormal rows,
+  ``||x - W^T H_s(W x)||^2 = ||x||^2 - ||H_s(W x)||^2``: maximising ``f`` *is* minimising the
+  ``s``-sparse reconstruction error, and the Frank–Wolfe step below is then the Procrustes
+  update of alternating orthogonal dictionary learning (the "sufficient statistic" ``X^T H_s(C)``
+  of Mairal et al., 2009, "Online dictionary learning for sparse coding", restricted to
+  orthogonal dictionaries).
+
+**Frank–Wolfe step.** The linear maximisation oracle of a gradient ``G`` over ``B`` is its polar
+factor, ``argmax_{||S||_2 <= 1} <G, S> = U V^T`` for ``G = U S V^T``; then
+
+.. math:: W \leftarrow \mathrm{polar}\big((1 - \gamma) W + \gamma\, \mathrm{polar}(G)\big).
+
+With ``gamma = 1`` this is exactly MSP ("matching, stretching, projection") of Zhai et al. For a
+convex ``f`` it ascends monotonically: ``f(S) >= f(W) + <G, S - W> >= f(W)``. The outer polar
+re-projects the convex combination (interior to ``B`` when ``gamma < 1``) onto the extreme points.
+
+**Online.** Mini-batch gradients are averaged with a forgetting factor ``rho``,
+``G_t = rho G_{t-1} + (1 - rho) grad f_{B_t}(W_t)`` (a stochastic Frank–Wolfe direction; with
+``rho`` near 1 and ``"k_sparse"`` it is the running sufficient statistic of Mairal et al.), so
+:meth:`~OnlineOrthogonalDictionaryLearning.partial_fit` can continue from any state.
+
+**Codes.** With orthonormal rows every per-sample coding problem separates across atoms, so the
+thresholding rules in :func:`sparse_codes` are exact minimisers, not approximations:
+top-``s`` hard thresholding is the best ``s``-sparse code, hard thresholding at ``alpha`` solves
+``min 1/2||x - W^T c||^2 + alpha^2/2 ||c||_0`` and soft thresholding at ``alpha`` solves the lasso
+``min 1/2||x - W^T c||^2 + alpha ||c||_1``.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from orthotorch.linalg import available_methods, orthogonalize, polar
+
+try:
+    from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+    from sklearn.utils import check_array, check_random_state
+    from sklearn.utils._param_validation import Interval, StrOptions
+    from sklearn.utils.validation import check_is_fitted
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "orthotorch.decomposition needs scikit-learn: pip install orthotorch[sklearn]"
+    ) from err
+
+try:
+    from sklearn.base import _fit_context
+except ImportError:  # pragma: no cover - scikit-learn < 1.3
+
+    def _fit_context(prefer_skip_nested_validation: bool):  # type: ignore[no-redef]
+        def decorator(fit_method):
+            def wrapper(estimator, *args, **kwargs):
+                estimator._validate_params()
+                return fit_method(estimator, *args, **kwargs)
+
+            return wrapper
+
+        return decorator
+
+
+try:
+    from sklearn.utils.validation import validate_data as _validate_data
+except ImportError:  # pragma: no cover - scikit-learn < 1.6
+
+    def _validate_data(estimator, X, **kwargs):  # type: ignore[no-redef]
+        return estimator._validate_data(X, **kwargs)
+
+
+__all__ = [
+    "CodingAlgorithm",
+    "Objective",
+    "OnlineOrthogonalDictionaryLearning",
+    "frank_wolfe_step",
+    "k_sparse_objective_gradient",
+    "l4_objective_gradient",
+    "averaging_weight",
+    "objective_gradient",
+    "principal_basis",
+    "sparse_codes",
+    "spectral_lmo",
+]
+
+Objective = Literal["l4", "k_sparse"]
+CodingAlgorithm = Literal["hard", "soft", "topk"]
+OBJECTIVES: tuple[str, ...] = ("l4", "k_sparse")
+CODING_ALGORITHMS: tuple[str, ...] = ("hard", "soft", "topk")
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional core: pure tensor functions.
+# ---------------------------------------------------------------------------------------------
+
+
+def _keep_top(C: Tensor, k: int) -> Tensor:
+    """``H_k`` row-wise: keep the ``k`` entries of largest magnitude of each row of ``C``."""
+    if k >= C.shape[-1]:
+        return C.clone()
+    idx = torch.topk(C.abs(), k, dim=-1, sorted=False).indices
+    return torch.zeros_like(C).scatter_(-1, idx, C.gather(-1, idx))
+
+
+def l4_objective_gradient(W: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+    """``f(W) = ||X W^T||_4^4 / (4m)`` and its gradient ``(C^3)^T X / m`` with ``C = X W^T``.
+
+    Args:
+        W: ``(k, n)`` dictionary (rows are atoms).
+        X: ``(m, n)`` samples as rows.
+
+    Returns:
+        ``(f, G)``: the scalar objective and the ``(k, n)`` gradient.
+    """
+    m = X.shape[0]
+    C = X @ W.mT
+    C3 = C * C * C
+    return (C3 * C).sum() / (4 * m), C3.mT @ X / m
+
+
+def k_sparse_objective_gradient(
+    W: Tensor, X: Tensor, n_nonzero_coefs: int
+) -> tuple[Tensor, Tensor]:
+    """Energy of the best ``s``-term codes, ``f(W) = sum_i ||H_s(W x_i)||^2 / (2m)``.
+
+    ``f`` is a maximum of convex quadratics (one per support), hence convex; the returned
+    ``G = H_s(C)^T X / m`` is the gradient of the active quadratic (a subgradient at ties).
+    For orthonormal rows, ``f(W) = ||X||_F^2 / (2m) - (s-sparse reconstruction error) / (2m)``.
+    """
+    m = X.shape[0]
+    H = _keep_top(X @ W.mT, n_nonzero_coefs)
+    return (H * H).sum() / (2 * m), H.mT @ X / m
+
+
+def objective_gradient(
+    W: Tensor, X: Tensor, objective: Objective = "l4", n_nonzero_coefs: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Dispatch to :func:`l4_objective_gradient` or :func:`k_sparse_objective_gradient`."""
+    if objective == "l4":
+        return l4_objective_gradient(W, X)
+    if objective == "k_sparse":
+        if n_nonzero_coefs is None:
+            raise ValueError("objective='k_sparse' needs n_nonzero_coefs (a positive int)")
+        return k_sparse_objective_gradient(W, X, n_nonzero_coefs)
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def _orthogonalize(G: Tensor, method: str) -> Tensor:
+    compute = torch.float64 if G.dtype == torch.float64 else torch.float32
+    if method == "svd":
+        return polar(G)
+    return orthogonalize(G, method, dtype=compute)
+
+
+def spectral_lmo(G: Tensor, W: Tensor | None = None, method: str = "svd") -> Tensor:
+    """Linear maximisation oracle over the spectral-norm ball: ``argmax_{||S||_2<=1} <G, S>``.
+
+    The maximiser is the polar factor ``U V^T`` of ``G = U S V^T`` (von Neumann's trace
+    inequality). When ``G`` is rank deficient (an atom no sample uses, a batch smaller than
+    ``k``) the maximisers form a set, and the plain polar factor — which maps null directions
+    to zero — is its one *non*-orthogonal member. Adding ``tau ||G||_F W`` with
+    ``tau = sqrt(eps)`` picks, among (near-)maximisers, the one closest to the current iterate
+    ``W``, which keeps the rows orthonormal; it moves a well-determined ``G``'s answer by
+    ``O(tau)`` only in directions whose singular values are ``O(tau)`` of the largest.
+
+    Args:
+        G: ``(k, n)`` gradient, ``k <= n``.
+        W: current iterate used for the tie-break, or ``None`` for the plain polar factor.
+        method: ``"svd"`` (exact, via :func:`orthotorch.linalg.polar`) or any Newton–Schulz
+            method of :func:`orthotorch.linalg.available_methods` (approximate; computed in
+            float32/float64, never bf16, since the dictionary must stay orthogonal).
+    """
+    if W is not None:
+        tau = math.sqrt(torch.finfo(G.dtype).eps)
+        scale = torch.linalg.matrix_norm(G)
+        # A zero gradient (e.g. all-zero batch) has no preferred direction: stay at W.
+        G = G + tau * torch.where(scale > 0, scale, torch.ones_like(scale)) * W
+    return _orthogonalize(G, method)
+
+
+def frank_wolfe_step(W: Tensor, G: Tensor, step_size: float = 1.0, method: str = "svd") -> Tensor:
+    """One Frank–Wolfe ascent step ``polar((1 - gamma) W + gamma * LMO(G))``.
+
+    ``gamma = 1`` is MSP (Zhai et al., 2020): the new dictionary is the oracle's answer itself.
+    For ``gamma < 1`` the convex combination lies inside the spectral-norm ball and is
+    re-projected onto matrices with orthonormal rows by an exact polar factor.
+    """
+    S = spectral_lmo(G, W, method)
+    if step_size == 1.0:
+        return S if method == "svd" else polar(S)
+    return polar((1.0 - step_size) * W + step_size * S)
+
+
+def sparse_codes(
+    W: Tensor,
+    X: Tensor,
+    mode: CodingAlgorithm = "topk",
+    n_nonzero_coefs: int | None = None,
+    threshold: float | None = None,
+) -> Tensor:
+    """Sparse codes of the rows of ``X`` in the orthonormal-rows dictionary ``W`` (``k x n``).
+
+    With ``c = W x`` (the analysis coefficients, exact since ``W W^T = I_k``):
+
+    - ``"topk"``: ``H_s(c)``, the ``s = n_nonzero_coefs`` largest ``|c_j|``: the exact minimiser
+      of ``||x - W^T z||`` over ``s``-sparse ``z`` (the error is
+      ``||x - W^T W x||^2 + sum_{j not kept} c_j^2``).
+    - ``"hard"``: ``c_j 1[|c_j| > alpha]``: exact for ``1/2||x - W^T z||^2 + alpha^2/2 ||z||_0``.
+    - ``"soft"``: ``sign(c_j) max(|c_j| - alpha, 0)``: the exact lasso solution for
+      ``1/2||x - W^T z||^2 + alpha ||z||_1``.
+
+    Returns ``(m, k)`` codes in ``X``'s dtype.
+    """
+    C = X @ W.mT
+    if mode == "topk":
+        if n_nonzero_coefs is None:
+            raise ValueError("mode='topk' needs n_nonzero_coefs (a positive int)")
+        return _keep_top(C, n_nonzero_coefs)
+    if threshold is None:
+        raise ValueError(f"mode={mode!r} needs threshold (a non-negative float)")
+    if mode == "hard":
+        return C * (C.abs() > threshold)
+    if mode == "soft":
+        return C.sign() * (C.abs() - threshold).clamp_min(0)
+    raise ValueError(f"mode must be one of {CODING_ALGORITHMS}, got {mode!r}")
+
+
+def principal_basis(X: Tensor, n_components: int) -> Tensor:
+    """Top ``n_components`` right singular vectors of ``X`` (uncentred) as orthonormal rows.
+
+    Taken from the ``n x n`` Gram matrix ``X^T X`` (the SVD of a PSD matrix is its eigen
+    decomposition, sorted), which costs ``O(m n^2)`` for any number of rows and completes the
+    basis when ``X`` has fewer rows than columns.
+    """
+    U, _, _ = torch.linalg.svd(X.mT @ X)
+    return U[:, :n_components].mT.contiguous()
+
+
+def averaging_weight(step: int, forget_factor: float) -> float:
+    """Weight ``rho_t`` of the old running gradient at step ``t = 0, 1, ...``.
+
+    ``rho_t = min(forget_factor, 1 - 4 / (t + 8)^(2/3))``: the schedule of stochastic
+    Frank–Wolfe with averaged gradients (Mokhtari, Hassani, Karbasi, 2020, "Stochastic
+    Conditional Gradient Methods", JMLR 21), which trusts fresh gradients while the iterate still
+    moves fast, capped by ``forget_factor`` so that old gradients, taken at old dictionaries, are
+    forgotten at a fixed minimum rate on a stream.
+    """
+    return min(forget_factor, max(0.0, 1.0 - 4.0 / (step + 8) ** (2.0 / 3.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimator: validation, conversion, the mini-batch loop.
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_tensor(X: Any, what: str = "X") -> Tensor:
+    """Validate a torch input the way scikit-learn validates arrays (2-D, real, finite)."""
+    if X.layout != torch.strided:
+        raise TypeError(f"{what} must be a dense tensor; got layout {X.layout}")
+    if X.ndim != 2:
+        raise ValueError(
+            f"Expected 2D array, got {X.ndim}D tensor of shape {tuple(X.shape)} for {what}; "
+            "reshape it to (n_samples, n_features)"
+        )
+    if X.is_complex():
+        raise ValueError(f"Complex data not supported; {what} has dtype {X.dtype}")
+    if not X.is_floating_point():
+        X = X.to(torch.get_default_dtype())
+    elif X.dtype not in (torch.float32, torch.float64):
+        X = X.to(torch.float32)
+    if X.shape[0] < 1 or X.shape[1] < 1:
+        raise ValueError(f"{what} must have at least 1 sample and 1 feature, got {tuple(X.shape)}")
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError(f"Input {what} contains NaN or infinity.")
+    return X
+
+
+class OnlineOrthogonalDictionaryLearning(
+    ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
+):
+    r"""Orthogonal dictionary learned online by Frank–Wolfe steps (MSP for ``gamma = 1``).
+
+    Maximises ``l4`` (``||X W^T||_4^4``, Zhai et al. 2020) or ``k_sparse`` (the energy of the
+    best ``s``-term codes, i.e. minimises the ``s``-sparse reconstruction error) over
+    dictionaries ``W`` (``components_``, ``k x n``) with orthonormal rows; each mini-batch
+    updates a running gradient ``G`` and takes one step ``W <- polar((1 - gamma) W +
+    gamma polar(G))``. The math and the exactness of the coding rules are in the module
+    docstring of :mod:`orthotorch.decomposition.dictionary`.
+
+    Works on numpy arrays (scikit-learn validation; numpy out) and on torch tensors (any device;
+    tensors out, on the input's device and dtype). float32 and float64 are preserved; integer
+    input becomes float64 (numpy) or the torch default dtype (tensors). Data are not centred:
+    centre them first if the mean is not part of the signal.
+
+    Parameters:
+        n_components: number of atoms ``k <= n_features``; ``None`` means ``n_features`` (a
+            complete orthogonal basis).
+        objective: ``"l4"`` or ``"k_sparse"``.
+        fit_n_nonzero_coefs: the ``s`` of ``"k_sparse"``; ``None`` uses
+            ``transform_n_nonzero_coefs`` or else ``max(1, k // 10)``.
+        batch_size: samples per Frank–Wolfe step in :meth:`fit`.
+        max_iter: passes (epochs) over the data in :meth:`fit`.
+        tol: stop :meth:`fit` when an epoch moves ``W`` by less than
+            ``tol`` in ``||Delta W||_F / sqrt(k)``; ``0`` runs all ``max_iter`` epochs.
+        step_size: Frank–Wolfe ``gamma`` in ``(0, 1]``.
+        forget_factor: ``rho`` in ``[0, 1)`` of the running gradient.
+        init: ``"pca"`` (top right singular vectors of the data, the fixed basis to improve on)
+            or ``"random"`` (Haar-random orthonormal rows from ``random_state``).
+        polar_method: ``"svd"`` (exact) or a Newton–Schulz name of
+            :func:`orthotorch.linalg.available_methods` for the oracle.
+        transform_algorithm: ``"topk"``, ``"hard"`` or ``"soft"`` (see :func:`sparse_codes`).
+        transform_n_nonzero_coefs: ``s`` of ``"topk"``; ``None`` means ``max(1, k // 10)``
+            (scikit-learn's default of 10%).
+        transform_alpha: threshold of ``"hard"`` / ``"soft"``; ``None`` means ``1.0``.
+        shuffle: shuffle samples before each epoch of :meth:`fit`.
+        random_state: seed for ``init="random"`` and shuffling.
+
+    Attributes:
+        components_: ``(k, n_features)`` array, orthonormal rows.
+        n_components_: ``k``.
+        n_iter_: epochs run by the last :meth:`fit`.
+        n_steps_: Frank–Wolfe steps taken in total (:meth:`fit` resets it, :meth:`partial_fit`
+            adds one).
+        objective_: objective value of the last mini-batch, measured before its step.
+        n_features_in_: feature dimension seen at fit.
+    """
+
+    _parameter_constraints: ClassVar[dict] = {
+        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "objective": [StrOptions(set(OBJECTIVES))],
+        "fit_n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "step_size": [Interval(Real, 0, 1, closed="right")],
+        "forget_factor": [Interval(Real, 0, 1, closed="left")],
+        "init": [StrOptions({"pca", "random"})],
+        "polar_method": [StrOptions(set(available_methods()))],
+        "transform_algorithm": [StrOptions(set(CODING_ALGORITHMS))],
+        "transform_n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
+        "transform_alpha": [Interval(Real, 0, None, closed="left"), None],
+        "shuffle": ["boolean"],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self,
+        n_components: int | None = None,
+        *,
+        objective: Objective = "l4",
+        fit_n_nonzero_coefs: int | None = None,
+        batch_size: int = 256,
+        max_iter: int = 10,
+        tol: float = 1e-6,
+        step_size: float = 1.0,
+        forget_factor: float = 0.9,
+        init: Literal["pca", "random"] = "pca",
+        polar_method: str = "svd",
+        transform_algorithm: CodingAlgorithm = "topk",
+        transform_n_nonzero_coefs: int | None = None,
+        transform_alpha: float | None = None,
+        shuffle: bool = True,
+        random_state: int | np.random.RandomState | None = None,
+    ) -> None:
+        self.n_components = n_components
+        self.objective = objective
+        self.fit_n_nonzero_coefs = fit_n_nonzero_coefs
+        self.batch_size = batch_size
+        self.max_iter = max_iter
+        self.tol = tol
+        self.step_size = step_size
+        self.forget_factor = forget_factor
+        self.init = init
+        self.polar_method = polar_method
+        self.transform_algorithm = transform_algorithm
+        self.transform_n_nonzero_coefs = transform_n_nonzero_coefs
+        self.transform_alpha = transform_alpha
+        self.shuffle = shuffle
+        self.random_state = random_state
+
+    # -- input handling -----------------------------------------------------------------------
+
+    def _check_input(self, X: Any, reset: bool) -> tuple[Tensor, bool]:
+        """``(tensor, came_as_torch)``; numpy goes through scikit-learn's validation."""
+        if isinstance(X, Tensor):
+            X = _as_tensor(X)
+            if reset:
+                self.n_features_in_ = X.shape[1]
+                if hasattr(self, "feature_names_in_"):
+                    del self.feature_names_in_
+            elif X.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input."
+                )
+            return X, True
+        X = _validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
+        if not X.flags.writeable:
+            # torch.from_numpy warns on read-only memory; we never write to X, so a copy is
+            # only the price of silence for memory-mapped input.
+            X = X.copy()
+        return torch.from_numpy(X), False
+
+    def _resolve_k(self, n_features: int) -> int:
+        k = n_features if self.n_components is None else self.n_components
+        if k > n_features:
+            raise ValueError(
+                f"n_components={k} must be <= n_features={n_features}: an orthogonal dictionary "
+                "has at most n_features orthonormal atoms"
+            )
+        return k
+
+    def _fit_sparsity(self, k: int) -> int | None:
+        if self.objective != "k_sparse":
+            return None
+        s = self.fit_n_nonzero_coefs or self.transform_n_nonzero_coefs or max(1, k // 10)
+        if s > k:
+            raise ValueError(f"fit_n_nonzero_coefs={s} must be <= n_components={k}")
+        return s
+
+    def _initial_dictionary(self, X: Tensor, k: int, rng: np.random.RandomState) -> Tensor:
+        if self.init == "pca":
+            return principal_basis(X, k)
+        n = X.shape[1]
+        Q, R = np.linalg.qr(rng.standard_normal((n, n)))
+        # Sign fix makes Q Haar-distributed (Mezzadri, 2007).
+        Q = Q * np.sign(np.diag(R))
+        return torch.from_numpy(Q[:, :k].T.copy()).to(X.dtype).to(X.device)
+
+    def _store(self, W: Tensor) -> None:
+        self._W = W
+        self.components_ = W.detach().cpu().numpy()
+        self.n_components_ = W.shape[0]
+
+    def _step(self, W: Tensor, G: Tensor | None, batch: Tensor, s: int | None):
+        f, grad = objective_gradient(W, batch, self.objective, s)
+        rho = averaging_weight(self.n_steps_, self.forget_factor)
+        G = grad if G is None or rho == 0 else rho * G + (1 - rho) * grad
+        return frank_wolfe_step(W, G, self.step_size, self.polar_method), G, f
+
+    # -- fitting ------------------------------------------------------------------------------
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Any, y: None = None) -> OnlineOrthogonalDictionaryLearning:
+        """Learn the dictionary from ``X`` (``n_samples x n_features``) in mini-batch epochs.
+
+        Raises:
+            ValueError: ``X`` is not 2-D, is empty, or contains NaN/Inf; ``n_components`` (or the
+                ``k_sparse`` sparsity) is larger than allowed. ``X`` is never modified.
+        """
+        X, _ = self._check_input(X, reset=True)
+        m, n = X.shape
+        k = self._resolve_k(n)
+        s = self._fit_sparsity(k)
+        rng = check_random_state(self.random_state)
+        W = self._initial_dictionary(X, k, rng)
+        G = None
+        batch = min(self.batch_size, m)
+        self.n_steps_ = 0
+        self.n_iter_ = 0
+        f = torch.zeros((), dtype=X.dtype)
+        for _ in range(self.max_iter):
+            W_epoch = W
+            order = rng.permutation(m) if self.shuffle else np.arange(m)
+            index = torch.from_numpy(order).to(X.device)
+            for start in range(0, m, batch):
+                W, G, f = self._step(W, G, X[index[start : start + batch]], s)
+                self.n_steps_ += 1
+            self.n_iter_ += 1
+            moved = torch.linalg.matrix_norm(W - W_epoch) / math.sqrt(k)
+            if float(moved) < self.tol:
+                break
+        self._G = G
+        self.objective_ = float(f)
+        self._store(W)
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X: Any, y: None = None) -> OnlineOrthogonalDictionaryLearning:
+        """One Frank–Wolfe step on the mini-batch ``X``, continuing the running gradient.
+
+        The first call initialises the dictionary from this batch (``init``); later calls must
+        have the same number of features. State follows the batch's device and dtype.
+        """
+        first = not hasattr(self, "_W")
+        X, _ = self._check_input(X, reset=first)
+        k = self._resolve_k(X.shape[1])
+        s = self._fit_sparsity(k)
+        if first:
+            rng = check_random_state(self.random_state)
+            W, G = self._initial_dictionary(X, k, rng), None
+            self.n_steps_ = 0
+        else:
+            W = self._W.to(X.device, X.dtype)
+            G = None if self._G is None else self._G.to(X.device, X.dtype)
+        W, G, f = self._step(W, G, X, s)
+        self.n_steps_ += 1
+        self._G = G
+        self.objective_ = float(f)
+        self._store(W)
+        return self
+
+    # -- coding -------------------------------------------------------------------------------
+
+    def _coding_args(self) -> tuple[int | None, float | None]:
+        k = self.n_components_
+        if self.transform_algorithm == "topk":
+            s = self.transform_n_nonzero_coefs or max(1, k // 10)
+            if s > k:
+                raise ValueError(
+                    f"transform_n_nonzero_coefs={s} must be <= n_components_={k} for "
+                    "transform_algorithm='topk'"
+                )
+            return s, None
+        return None, 1.0 if self.transform_alpha is None else float(self.transform_alpha)
+
+    def _output(self, Z: Tensor, as_torch: bool) -> Any:
+        return Z if as_torch else Z.cpu().numpy()
+
+    def transform(self, X: Any) -> Any:
+        """Sparse codes ``(n_samples, n_components)`` by ``transform_algorithm`` (exact rules).
+
+        Returns an array of ``X``'s kind (numpy or torch), dtype and device.
+        """
+        check_is_fitted(self, "components_")
+        self._validate_params()
+        X, as_torch = self._check_input(X, reset=False)
+        s, alpha = self._coding_args()
+        W = torch.from_numpy(self.components_).to(X.device, X.dtype)
+        codes = sparse_codes(W, X, self.transform_algorithm, s, alpha)
+        return self._output(codes, as_torch)
+
+    def inverse_transform(self, X: Any) -> Any:
+        """Reconstruction ``codes @ components_`` (``n_samples x n_features``)."""
+        check_is_fitted(self, "components_")
+        k = self.n_components_
+        if isinstance(X, Tensor):
+            codes, as_torch = _as_tensor(X, "codes"), True
+        else:
+            arr = check_array(X, dtype=[np.float64, np.float32])
+            codes, as_torch = torch.from_numpy(arr if arr.flags.writeable else arr.copy()), False
+        if codes.shape[1] != k:
+            raise ValueError(
+                f"codes have {codes.shape[1]} columns, but {type(self).__name__} has "
+                f"n_components_={k}"
+            )
+        W = torch.from_numpy(self.components_).to(codes.device, codes.dtype)
+        return self._output(codes @ W, as_torch)
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.components_.shape[0]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    def _more_tags(self) -> dict:  # scikit-learn < 1.6
+        return {"preserves_dtype": [np.float64, np.float32]}
