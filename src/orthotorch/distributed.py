@@ -16,16 +16,24 @@ rank does ``1/world_size`` of the work:
   processes the full matrix, and a second ``all_to_all_single`` returns the row shards. No rank
   holds more full matrices than it owns; each element crosses the network at most twice.
 
+- **replicated DTensors** (``Replicate()`` over a 1-D mesh, e.g. the ``r x n`` low-rank
+  moments of a row-sharded wide weight): as for plain replicated tensors, over the mesh's group.
+
 Ownership is round-robin over one global counter, so ranks differ by at most one matrix in
 total, and every collective has the same sizes on every rank: a rank that owns fewer matrices of
 a shape sends zero padding rather than skipping the call — skipping would hang the others.
+
+Two more primitives serve the low-rank optimizers: :func:`map_owned` computes a per-matrix
+result that must be identical on every rank (a subspace: DCT column indices, an SVD basis) once,
+on the matrix's owner, and shares it; :func:`sum_across_shards_` all-reduces the per-shard
+terms of a projection ``P^T G = sum_s P_s^T G_s`` over row shards.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,9 +45,10 @@ from .functional.muon import Bucket, bucket_by_shape, matrix_shape
 from .functional.rules import Kernel
 
 try:  # public since torch 2.4; keep import errors readable on builds without distributed
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
+    Replicate = None  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment,misc]
 
 __all__ = [
@@ -52,7 +61,12 @@ __all__ = [
     "is_dtensor",
     "local",
     "map_matrices",
+    "map_owned",
     "replicated_world",
+    "row_range",
+    "sum_across_shards_",
+    "wrap_like",
+    "zeros_state",
 ]
 
 DistributedMode = Literal["auto", "off"]
@@ -66,9 +80,11 @@ class CommStats:
     matrices_processed: int = 0
     bytes_sent: int = 0
     collectives: int = 0
+    # Results of map_owned computed here (subspace searches: DCT scoring, SVDs).
+    owned_results: int = 0
 
     def reset(self) -> None:
-        self.matrices_processed = self.bytes_sent = self.collectives = 0
+        self.matrices_processed = self.bytes_sent = self.collectives = self.owned_results = 0
 
 
 STATS = CommStats()
@@ -81,6 +97,78 @@ def is_dtensor(t: Any) -> bool:
 def local(t: Tensor) -> Tensor:
     """The local shard of a ``DTensor`` (a view sharing its storage), or ``t`` itself."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def _is_row_sharded(t: Tensor) -> bool:
+    return is_dtensor(t) and t.device_mesh.ndim == 1 and t.placements[0] == Shard(0)
+
+
+def _is_replicated_dtensor(t: Tensor) -> bool:
+    return is_dtensor(t) and t.device_mesh.ndim == 1 and t.placements[0] == Replicate()
+
+
+def row_range(t: Tensor) -> tuple[int, int]:
+    """Global ``[start, stop)`` of the rows this rank holds: a ``Shard(0)`` block, else all."""
+    if not _is_row_sharded(t):
+        return 0, t.shape[0]
+    mesh = t.device_mesh
+    chunks = _row_chunks(t.shape[0], mesh.size())
+    start = sum(chunks[: mesh.get_local_rank()])
+    return start, start + chunks[mesh.get_local_rank()]
+
+
+def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= size
+    return tuple(reversed(stride))
+
+
+def zeros_state(
+    shape: Sequence[int], like: Tensor, *, rows_sharded: bool, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Zero optimizer state of global ``shape`` laid out to match parameter ``like``.
+
+    A plain ``like`` gives a plain tensor. A ``DTensor`` ``like`` (FSDP2) gives a ``DTensor`` on
+    its mesh: sharded on dim 0 like the parameter when ``rows_sharded`` (``shape[0]`` must be the
+    parameter's row count, so the row blocks coincide), else replicated. Either way
+    ``torch.distributed.checkpoint`` then saves and reshards the state like the parameter's.
+    """
+    dtype = like.dtype if dtype is None else dtype
+    if not is_dtensor(like):
+        return torch.zeros(tuple(shape), dtype=dtype, device=like.device)
+    shape = tuple(shape)
+    if rows_sharded:
+        start, stop = row_range(like)
+        local_t = torch.zeros((stop - start, *shape[1:]), dtype=dtype, device=local(like).device)
+        placements = [Shard(0)]
+    else:
+        local_t = torch.zeros(shape, dtype=dtype, device=local(like).device)
+        placements = [Replicate()]
+    return DTensor.from_local(
+        local_t,
+        like.device_mesh,
+        placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=_contiguous_stride(shape),
+    )
+
+
+def wrap_like(t: Tensor, like: Tensor) -> Tensor:
+    """The local tensor ``t`` as a ``DTensor`` with ``like``'s mesh, placement and global shape
+    (``t`` itself when ``like`` is a plain tensor); no communication."""
+    if not is_dtensor(like):
+        return t
+    return DTensor.from_local(
+        t,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
 
 
 def replicated_world(mode: str) -> tuple[int, int] | None:
@@ -143,19 +231,20 @@ def map_matrices(
     """Apply ``kernel`` to every update matrix, splitting the work across ranks.
 
     Args:
-        updates: per-parameter tensors (flattened to ``(shape[0], -1)`` matrices); plain tensors
-            or ``DTensor`` row shards.
+        updates: per-parameter tensors (flattened to ``(shape[0], -1)`` matrices); plain tensors,
+            or ``DTensor`` objects over one 1-D mesh, each either row-sharded (``Shard(0)``) or
+            replicated (``Replicate()``).
         kernel: ``(X, transposed) -> Y`` on a wide ``(k, m, n)`` stack in ``compute_dtype``.
         compute_dtype: dtype the matrices are stacked and communicated in.
         mode: ``"auto"`` splits work whenever a process group of size > 1 is initialised;
             ``"off"`` processes every matrix locally (DTensor inputs still need the sharded path).
 
     Returns:
-        One :class:`~orthotorch.functional.Bucket` per shape whose ``directions()`` are in the
-        parameters' (local) layout.
+        One :class:`~orthotorch.functional.Bucket` per shape (and layout) whose ``directions()``
+        are in the parameters' (local) layout.
     """
     if any(is_dtensor(u) for u in updates):
-        return _map_sharded(updates, kernel, compute_dtype)
+        return _map_dtensors(updates, kernel, compute_dtype)
     world = replicated_world(mode)
     if world is None:
         buckets = bucket_by_shape(updates, compute_dtype)
@@ -163,11 +252,55 @@ def map_matrices(
             b.X = kernel(b.X, b.transposed)
             STATS.matrices_processed += len(b.index)
         return buckets
-    return _map_replicated(updates, kernel, compute_dtype, *world)
+    return _map_replicated(updates, kernel, compute_dtype, *world)[0]
 
 
-def _positions(shapes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
-    positions: dict[tuple[int, int], list[int]] = defaultdict(list)
+def _mesh_of(tensors: Sequence[Tensor], what: str, allow_replicated: bool) -> Any:
+    """The one 1-D mesh of ``tensors``; ``ValueError`` naming the first unsupported layout."""
+    mesh = None
+    for t in tensors:
+        ok = _is_row_sharded(t) or (allow_replicated and _is_replicated_dtensor(t))
+        if ok and mesh is not None and t.device_mesh != mesh:
+            ok = False
+        if not ok:
+            placement = getattr(t, "placements", "plain tensor")
+            layouts = "sharded on dim 0 or replicated" if allow_replicated else "sharded on dim 0"
+            raise ValueError(
+                f"{what} supports DTensors {layouts} over one 1-D mesh (FSDP2's default); got "
+                f"shape {tuple(t.shape)} with {placement}. Do not mix DTensor and plain "
+                "parameters in one orthogonalized group."
+            )
+        mesh = t.device_mesh
+    return mesh
+
+
+def _map_dtensors(
+    updates: list[Tensor], kernel: Kernel, compute_dtype: torch.dtype
+) -> list[Bucket]:
+    mesh = _mesh_of(updates, "sharded orthogonalization", allow_replicated=True)
+    sharded = [i for i, u in enumerate(updates) if _is_row_sharded(u)]
+    replicated = [i for i, u in enumerate(updates) if not _is_row_sharded(u)]
+    buckets, counter = _map_sharded([updates[i] for i in sharded], kernel, compute_dtype, mesh)
+    for b in buckets:
+        b.index = [sharded[j] for j in b.index]
+    if replicated:
+        more, _ = _map_replicated(
+            [local(updates[i]) for i in replicated],
+            kernel,
+            compute_dtype,
+            mesh.get_local_rank(),
+            mesh.size(),
+            group=mesh.get_group(),
+            counter=counter,
+        )
+        for b in more:
+            b.index = [replicated[j] for j in b.index]
+        buckets += more
+    return buckets
+
+
+def _positions(shapes: Sequence[Any]) -> dict[Any, list[int]]:
+    positions: dict[Any, list[int]] = defaultdict(list)
     for i, shape in enumerate(shapes):
         positions[shape].append(i)
     return positions
@@ -178,10 +311,15 @@ def _wide(m: Tensor, shape: tuple[int, int]) -> Tensor:
 
 
 def _map_replicated(
-    updates: list[Tensor], kernel: Kernel, compute_dtype: torch.dtype, rank: int, world: int
-) -> list[Bucket]:
+    updates: list[Tensor],
+    kernel: Kernel,
+    compute_dtype: torch.dtype,
+    rank: int,
+    world: int,
+    group: Any = None,
+    counter: int = 0,
+) -> tuple[list[Bucket], int]:
     buckets = []
-    counter = 0
     for shape, index in _positions([matrix_shape(u.shape) for u in updates]).items():
         wide = (min(shape), max(shape))
         owners = [(counter + i) % world for i in range(len(index))]
@@ -196,22 +334,22 @@ def _map_replicated(
             send[: len(mine)] = kernel(send[: len(mine)], shape[0] > shape[1])
         STATS.matrices_processed += len(mine)
         received = torch.empty((world * per_rank, *wide), dtype=compute_dtype, device=device)
-        _all_gather_single(received, send)
-        STATS.collectives += 1
-        STATS.bytes_sent += send.numel() * send.element_size() * (world - 1)
-        slot = [0] * world
+        _all_gather_single(received, send, group)
         X = torch.empty((len(index), *wide), dtype=compute_dtype, device=device)
+        slot = [0] * world
         for i, owner in enumerate(owners):
             X[i] = received[owner * per_rank + slot[owner]]
             slot[owner] += 1
         buckets.append(Bucket(shape, index, X))
-    return buckets
+    return buckets, counter
 
 
-def _all_gather_single(output: Tensor, input: Tensor) -> None:
+def _all_gather_single(output: Tensor, input: Tensor, group: Any = None) -> None:
     # Renamed in recent torch; the old name still works there but warns.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(output, input)
+    gather(output, input, group=group)
+    STATS.collectives += 1
+    STATS.bytes_sent += input.numel() * input.element_size() * (dist.get_world_size(group) - 1)
 
 
 def _row_chunks(rows: int, world: int) -> list[int]:
@@ -220,76 +358,100 @@ def _row_chunks(rows: int, world: int) -> list[int]:
     return [max(0, min(size, rows - r * size)) for r in range(world)]
 
 
-def _map_sharded(updates: list[Tensor], kernel: Kernel, compute_dtype: torch.dtype) -> list[Bucket]:
-    first = updates[0]
-    for u in updates:
-        if not is_dtensor(u) or u.device_mesh.ndim != 1 or u.placements[0] != Shard(0):
-            placement = getattr(u, "placements", "plain tensor")
-            raise ValueError(
-                f"sharded orthogonalization supports DTensors sharded on dim 0 over a 1-D mesh "
-                f"(FSDP2's default); got shape {tuple(u.shape)} with {placement}"
-            )
-    mesh = first.device_mesh
-    group = mesh.get_group()
-    world = mesh.size()
-    rank = mesh.get_local_rank()
+@dataclass
+class _Exchange:
+    """The sizes of one shape's row-shard exchange (same on every rank, or a collective hangs)."""
+
+    rows: int
+    cols: int
+    chunks: list[int]
+    owners: list[int]
+    mine: list[int]
+    send_sizes: list[int]
+    recv_sizes: list[int]
+
+
+def _to_owners(
+    shards: list[Tensor], rows: int, cols: int, owners: list[int], mesh: Any, dtype: torch.dtype
+) -> tuple[Tensor, _Exchange]:
+    """All-to-all of row shards: returns ``(len(mine), rows, cols)``, the matrices I own, whole."""
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunks = _row_chunks(rows, world)
+    mine = [i for i, owner in enumerate(owners) if owner == rank]
+    device = shards[0].device
+    # My row shard of matrix i goes to its owner, in matrix order per owner.
+    send = torch.cat(
+        [
+            shards[i].reshape(-1).to(dtype)
+            for r in range(world)
+            for i in range(len(shards))
+            if owners[i] == r
+        ]
+        or [torch.empty(0, device=device, dtype=dtype)]
+    )
+    ex = _Exchange(
+        rows,
+        cols,
+        chunks,
+        owners,
+        mine,
+        send_sizes=[chunks[rank] * cols * owners.count(r) for r in range(world)],
+        recv_sizes=[chunks[s] * cols * len(mine) for s in range(world)],
+    )
+    recv = _all_to_all(send, ex.send_sizes, ex.recv_sizes, mesh.get_group(), rank)
+    # Row blocks of a contiguous parameter-orientation buffer: cheap copies.
+    pieces = list(recv.split(ex.recv_sizes))
+    full = torch.empty((len(mine), rows, cols), dtype=dtype, device=device)
+    start = 0
+    for s in range(world):
+        full[:, start : start + chunks[s]] = pieces[s].view(len(mine), chunks[s], cols)
+        start += chunks[s]
+    return full, ex
+
+
+def _from_owners(full: Tensor, ex: _Exchange, mesh: Any) -> list[Tensor]:
+    """Inverse of :func:`_to_owners`: my row shard of every matrix, from its owner."""
+    world, rank = mesh.size(), mesh.get_local_rank()
+    results = list(full.unbind(0))
+    offsets = [sum(ex.chunks[:s]) for s in range(world + 1)]
+    back = torch.cat(
+        [
+            results[j][offsets[s] : offsets[s + 1]].reshape(-1)
+            for s in range(world)
+            for j in range(len(ex.mine))
+        ]
+        or [torch.empty(0, device=full.device, dtype=full.dtype)]
+    )
+    returned = _all_to_all(back, ex.recv_sizes, ex.send_sizes, mesh.get_group(), rank)
+    by_owner = list(returned.split(ex.send_sizes))
+    size = ex.chunks[rank] * ex.cols
+    shards: list[Tensor] = [None] * len(ex.owners)  # type: ignore[list-item]
+    for r in range(world):
+        owned = [i for i in range(len(ex.owners)) if ex.owners[i] == r]
+        for j, i in enumerate(owned):
+            shards[i] = by_owner[r][j * size : (j + 1) * size].reshape(ex.chunks[rank], ex.cols)
+    return shards
+
+
+def _map_sharded(
+    updates: list[Tensor], kernel: Kernel, compute_dtype: torch.dtype, mesh: Any
+) -> tuple[list[Bucket], int]:
+    rank, world = mesh.get_local_rank(), mesh.size()
     buckets = []
     counter = 0
     for shape, index in _positions([matrix_shape(u.shape) for u in updates]).items():
         rows, cols = shape
-        chunks = _row_chunks(rows, world)
         owners = [(counter + i) % world for i in range(len(index))]
         counter += len(index)
-        mine = [i for i, owner in enumerate(owners) if owner == rank]
+        chunks = _row_chunks(rows, world)
         shards = [local(updates[i]).reshape(chunks[rank], cols) for i in index]
-        device = shards[0].device
-
-        # There: my row shard of matrix i goes to its owner, in matrix order per owner.
-        send = torch.cat(
-            [
-                shards[i].reshape(-1)
-                for r in range(world)
-                for i in range(len(index))
-                if owners[i] == r
-            ]
-            or [torch.empty(0, device=device)]
-        ).to(compute_dtype)
-        send_sizes = [chunks[rank] * cols * owners.count(r) for r in range(world)]
-        recv_sizes = [chunks[s] * cols * len(mine) for s in range(world)]
-        recv = _all_to_all(send, send_sizes, recv_sizes, group, rank)
-
-        # Assemble each owned matrix from every rank's rows (row blocks of a contiguous
-        # parameter-orientation buffer: cheap copies), then hand the kernel its wide view.
-        pieces = list(recv.split(recv_sizes))
-        full = torch.empty((len(mine), rows, cols), dtype=compute_dtype, device=device)
-        start = 0
-        for s in range(world):
-            full[:, start : start + chunks[s]] = pieces[s].view(len(mine), chunks[s], cols)
-            start += chunks[s]
-        if mine:
+        full, ex = _to_owners(shards, rows, cols, owners, mesh, compute_dtype)
+        if ex.mine:
             full = _wide(kernel(_wide(full, shape), rows > cols), shape)
-        STATS.matrices_processed += len(mine)
-        results = list(full.unbind(0))
-
-        # Back: rows of my matrices return to the rank that holds them.
-        back = torch.cat(
-            [
-                results[j][sum(chunks[:s]) : sum(chunks[: s + 1])].reshape(-1)
-                for s in range(world)
-                for j in range(len(mine))
-            ]
-            or [torch.empty(0, device=device, dtype=compute_dtype)]
-        )
-        returned = _all_to_all(back, recv_sizes, send_sizes, group, rank)
-        by_owner = list(returned.split(send_sizes))
-        directions: list[Tensor] = [None] * len(index)  # type: ignore[list-item]
-        for r in range(world):
-            owned = [i for i in range(len(index)) if owners[i] == r]
-            for j, i in enumerate(owned):
-                size = chunks[rank] * cols
-                directions[i] = by_owner[r][j * size : (j + 1) * size].reshape(chunks[rank], cols)
+        STATS.matrices_processed += len(ex.mine)
+        directions = _from_owners(full, ex, mesh)
         buckets.append(Bucket(shape, index, X=torch.empty(0), local_directions=directions))
-    return buckets
+    return buckets, counter
 
 
 def _all_to_all(
@@ -300,3 +462,116 @@ def _all_to_all(
     STATS.collectives += 1
     STATS.bytes_sent += (sum(send_sizes) - send_sizes[rank]) * send.element_size()
     return recv
+
+
+# ----------------------------------------------------------------- shared per-matrix results
+def map_owned(
+    inputs: list[Tensor],
+    fn: Callable[[int, Tensor], Tensor],
+    outputs_like: list[Tensor],
+    mode: str = "auto",
+) -> list[Tensor]:
+    """``[fn(i, X_i)]`` computed once per matrix, on its owner rank, and shared with every rank.
+
+    For per-matrix results that every rank must hold *identically* — a subspace (the DCT column
+    indices, an SVD basis) decides the layout of optimizer state, and ranks that chose
+    differently would silently train different models. Computing on one rank and sharing makes
+    them equal by construction (an SVD recomputed on each rank need not be bitwise equal across
+    thread counts or devices) and splits the work: matrix ``i`` is owned by rank ``i mod W``.
+
+    Args:
+        inputs: plain tensors, the same on every rank (DDP); or ``DTensor`` objects sharded on dim 0
+            over one 1-D mesh (FSDP2), whose row shards are sent whole to the owner
+            (``all_to_all``, one per shape and dtype).
+        fn: ``(i, X) -> result``, ``X`` the whole matrix ``inputs[i]`` as ``(shape[0], -1)``.
+        outputs_like: for each input, a tensor with the shape, dtype and device of its result
+            (the receive buffers must be sized before the results exist).
+        mode: as in :func:`map_matrices`; ``"off"`` computes everything locally (plain inputs).
+
+    Returns:
+        Plain tensors, one per input, equal on every rank. The results travel with one
+        ``all_gather`` per result shape and dtype.
+    """
+    if not inputs:
+        return []
+    if any(is_dtensor(t) for t in inputs):
+        mesh = _mesh_of(inputs, "map_owned", allow_replicated=False)
+        rank, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
+    else:
+        replicated = replicated_world(mode)
+        if replicated is None:
+            STATS.owned_results += len(inputs)
+            return [fn(i, t.reshape(matrix_shape(t.shape))) for i, t in enumerate(inputs)]
+        (rank, world), mesh, group = replicated, None, None
+    owners = [i % world for i in range(len(inputs))]
+    results: list[Tensor | None] = [None] * len(inputs)
+    if mesh is None:
+        for i, t in enumerate(inputs):
+            if owners[i] == rank:
+                results[i] = fn(i, t.reshape(matrix_shape(t.shape)))
+    else:
+        keys = [(matrix_shape(t.shape), local(t).dtype) for t in inputs]
+        for ((rows, cols), dtype), index in _positions(keys).items():
+            chunks = _row_chunks(rows, world)
+            shards = [local(inputs[i]).reshape(chunks[rank], cols) for i in index]
+            bucket_owners = [owners[i] for i in index]
+            full, ex = _to_owners(shards, rows, cols, bucket_owners, mesh, dtype)
+            for j, X in zip(ex.mine, full.unbind(0), strict=True):
+                results[index[j]] = fn(index[j], X)
+    STATS.owned_results += sum(owner == rank for owner in owners)
+    return _share(results, outputs_like, owners, rank, world, group)
+
+
+def _share(
+    results: list[Tensor | None],
+    outputs_like: list[Tensor],
+    owners: list[int],
+    rank: int,
+    world: int,
+    group: Any,
+) -> list[Tensor]:
+    keys = [(tuple(t.shape), t.dtype) for t in outputs_like]
+    shared: list[Tensor] = [None] * len(results)  # type: ignore[list-item]
+    for (shape, dtype), index in _positions(keys).items():
+        counts = [sum(owners[i] == r for i in index) for r in range(world)]
+        per_rank = max(counts)
+        device = outputs_like[index[0]].device
+        send = torch.zeros((per_rank, *shape), dtype=dtype, device=device)
+        mine = [i for i in index if owners[i] == rank]
+        for j, i in enumerate(mine):
+            result = results[i]
+            got = None if result is None else tuple(result.shape)
+            if got != shape:
+                raise ValueError(
+                    f"map_owned: fn returned shape {got} for input {i}, but outputs_like[{i}] "
+                    f"has shape {shape}"
+                )
+            send[j].copy_(result)
+        received = torch.empty((world * per_rank, *shape), dtype=dtype, device=device)
+        _all_gather_single(received, send, group)
+        slot = [0] * world
+        for i in index:
+            shared[i] = received[owners[i] * per_rank + slot[owners[i]]].clone()
+            slot[owners[i]] += 1
+    return shared
+
+
+def sum_across_shards_(partials: list[Tensor], like: Sequence[Tensor]) -> None:
+    """In place, each tensor becomes the sum of its values over the ranks of ``like``'s mesh.
+
+    For a projection on the sharded side of a row-sharded ``G``:
+    ``P^T G = sum_s P[rows_s]^T G[rows_s]``, each rank holding one term. One ``all_reduce``
+    per dtype; ``bytes_sent`` counts the ring algorithm's ``2 (W - 1) / W`` of the buffer (the
+    least any all-reduce sends; the backend may send more).
+    """
+    group = _group_of(like)
+    if group is None or not partials:
+        return
+    world = dist.get_world_size(group)
+    for index in _positions([t.dtype for t in partials]).values():
+        flat = torch.cat([partials[i].reshape(-1) for i in index])
+        dist.all_reduce(flat, group=group)
+        STATS.collectives += 1
+        STATS.bytes_sent += 2 * (world - 1) * flat.numel() * flat.element_size() // world
+        for i, piece in zip(index, flat.split([partials[i].numel() for i in index]), strict=True):
+            partials[i].copy_(piece.view_as(partials[i]))
