@@ -196,11 +196,17 @@ def _check_finite(value: Tensor, what: str) -> None:
 
 
 def _check_compatible(
-    ref: Mapping[str, Tensor], ref_name: str, models: list[Mapping[str, Tensor]], what: str
+    ref: Mapping[str, Tensor],
+    ref_name: str,
+    models: list[Mapping[str, Tensor]],
+    what: str,
+    start: int = 0,
 ) -> None:
-    """Same keys, shapes and floating-ness as ``ref``; raise naming the key and both sides."""
+    """Same keys, shapes and floating-ness as ``ref``; raise naming the key and both sides.
+
+    ``start`` is the index of ``models[0]`` in the caller's list (for the error messages)."""
     ref_keys = set(ref)
-    for i, sd in enumerate(models):
+    for i, sd in enumerate(models, start):
         missing = [k for k in ref if k not in sd]
         if missing:
             raise ValueError(
@@ -427,7 +433,7 @@ def average(
     models = _as_model_list(state_dicts, "state_dicts")
     if base is None:
         ref, ref_name = models[0], "state_dicts[0]"
-        _check_compatible(ref, ref_name, models[1:], "state_dicts")
+        _check_compatible(ref, ref_name, models[1:], "state_dicts", start=1)
     else:
         ref, ref_name = _as_state_dict(base, "base"), "base"
         _check_compatible(ref, ref_name, models, "state_dicts")

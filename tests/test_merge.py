@@ -1,0 +1,507 @@
+"""orthotorch.merge: merges against explicit formulas, the orthogonal merge's properties, FedSVD
+against the mean product and Eckart–Young, and every bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from orthotorch.merge import (
+    MergeMethod,
+    available_merge_methods,
+    average,
+    fedavg_lora,
+    fedsvd_aggregate,
+    fedsvd_refactor,
+    get_merge_method,
+    mean_lora_product,
+    merge_state_dicts,
+    orthogonal_delta,
+    orthogonal_merge,
+    polar_decompose,
+    register_merge_method,
+    task_arithmetic,
+)
+from orthotorch.merge import merging as merging_module
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def model_sd(seed: int, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """A state_dict with a matrix, a conv kernel, 1-D entries and an integer buffer."""
+    g = gen(seed)
+    return {
+        "fc.weight": torch.randn(12, 8, generator=g, dtype=dtype),
+        "fc.bias": torch.randn(12, generator=g, dtype=dtype),
+        "conv.weight": torch.randn(6, 3, 3, 3, generator=g, dtype=dtype),
+        "bn.running_mean": torch.randn(6, generator=g, dtype=dtype),
+        "bn.num_batches_tracked": torch.tensor(seed, dtype=torch.long),
+        "head.weight": torch.randn(4, 12, generator=g, dtype=dtype),
+    }
+
+
+def finetune(base: dict[str, torch.Tensor], seed: int, size: float = 0.3) -> dict:
+    g = gen(100 + seed)
+    out = {}
+    for k, v in base.items():
+        out[k] = (
+            v + size * torch.randn(v.shape, generator=g, dtype=v.dtype)
+            if v.is_floating_point()
+            else v + seed
+        )
+    return out
+
+
+def clone_sd(sd: dict) -> dict:
+    return {k: v.clone() for k, v in sd.items()}
+
+
+def assert_sd_close(a: dict, b: dict, atol: float = 1e-10) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max())
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen(seed), dtype=torch.float64))
+    return Q
+
+
+@pytest.fixture
+def models() -> tuple[dict, list[dict]]:
+    base = model_sd(0)
+    return base, [finetune(base, 1), finetune(base, 2), finetune(base, 3)]
+
+
+# -------------------------------------------------------------------------- baselines: formulas
+
+
+def test_task_arithmetic_matches_formula(models) -> None:
+    base, ft = models
+    out = task_arithmetic(base, ft, scale=[0.5, -0.25, 1.0])
+    for k, W0 in base.items():
+        if W0.is_floating_point():
+            expected = W0 + 0.5 * (ft[0][k] - W0) - 0.25 * (ft[1][k] - W0) + (ft[2][k] - W0)
+            assert torch.allclose(out[k], expected, atol=1e-12), k
+        else:
+            assert torch.equal(out[k], W0)
+
+
+def test_average_matches_formula_and_task_arithmetic(models) -> None:
+    base, ft = models
+    out = average(ft, weights=[2, 1, 1])
+    for k, v in out.items():
+        if v.is_floating_point():
+            expected = (2 * ft[0][k] + ft[1][k] + ft[2][k]) / 4
+            assert torch.allclose(v, expected, atol=1e-12), k
+        else:
+            assert torch.equal(v, ft[0][k])  # integer buffers from the first, without a base
+    # Uniform averaging is task arithmetic with scale 1/K on floating entries.
+    ta = task_arithmetic(base, ft, scale=1 / 3)
+    avg = average(ft, base=base)
+    assert_sd_close(avg, ta, atol=1e-12)
+
+
+def test_float32_dtype_kept_and_close_to_float64(models) -> None:
+    base, ft = models
+    base32 = {k: v.float() if v.is_floating_point() else v for k, v in base.items()}
+    ft32 = [{k: v.float() if v.is_floating_point() else v for k, v in sd.items()} for sd in ft]
+    for fn in (task_arithmetic, orthogonal_merge):
+        out32, out64 = fn(base32, ft32, 0.5), fn(base, ft, 0.5)
+        for k in out32:
+            assert out32[k].dtype == base32[k].dtype
+            assert torch.allclose(
+                out32[k].double(), out64[k].to(out32[k].dtype).double(), atol=1e-4
+            )
+
+
+# --------------------------------------------------------------------- orthogonal merge: math
+
+
+def test_polar_decompose_is_the_polar_decomposition() -> None:
+    X = torch.randn(9, 5, generator=gen(0), dtype=torch.float64)
+    Q, P = polar_decompose(X)
+    assert torch.allclose(Q @ P, X, atol=1e-12)
+    assert torch.allclose(Q.mT @ Q, torch.eye(5, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(P, P.mT, atol=1e-12)
+    assert torch.linalg.eigvalsh(P).min() > -1e-12
+    assert torch.allclose(P @ P, X.mT @ X, atol=1e-10)
+
+
+def test_polar_decompose_partial_isometry_on_rank_deficient_float32_input() -> None:
+    """The null space of a low-rank delta must not get unit directions in Q (it would pollute
+    the mean of the rotations with arbitrary vectors)."""
+    g = gen(1)
+    X = (torch.randn(10, 2, generator=g) @ torch.randn(2, 7, generator=g)).float()
+    Q, P = polar_decompose(X)
+    assert torch.linalg.matrix_rank(Q.double(), atol=1e-3) == 2
+    assert torch.allclose(torch.linalg.svdvals(Q)[:2], torch.ones(2), atol=1e-5)
+    assert torch.allclose(Q @ P, X, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3, -0.7])
+def test_orthogonal_merge_of_one_model_is_task_arithmetic(models, scale: float) -> None:
+    base, ft = models
+    assert_sd_close(orthogonal_merge(base, ft[:1], scale), task_arithmetic(base, ft[:1], scale))
+
+
+def test_orthogonal_merge_of_one_low_rank_float32_model_is_task_arithmetic() -> None:
+    base = {"w": torch.randn(16, 24, generator=gen(2))}
+    g = gen(3)
+    ft = [
+        {"w": base["w"] + 0.1 * torch.randn(16, 3, generator=g) @ torch.randn(3, 24, generator=g)}
+    ]
+    out, ref = orthogonal_merge(base, ft, 0.8)["w"], task_arithmetic(base, ft, 0.8)["w"]
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_orthogonal_merge_is_invariant_to_model_order(models) -> None:
+    base, ft = models
+    scales = [0.4, 0.9, 0.6]
+    forward = orthogonal_merge(base, ft, scales)
+    backward = orthogonal_merge(base, ft[::-1], scales[::-1])
+    assert_sd_close(forward, backward, atol=1e-10)
+
+
+def test_orthogonal_delta_on_orthogonal_subspaces_is_task_arithmetic() -> None:
+    """Tasks on mutually orthogonal input and output subspaces do not interact."""
+    U = random_orthogonal(12, 4)
+    V = random_orthogonal(10, 5)
+    g = gen(6)
+    t1 = U[:, :3] @ torch.randn(3, 4, generator=g, dtype=torch.float64) @ V[:, :4].mT
+    t2 = U[:, 3:7] @ torch.randn(4, 3, generator=g, dtype=torch.float64) @ V[:, 4:7].mT
+    assert torch.allclose(orthogonal_delta([t1, t2]), t1 + t2, atol=1e-12)
+
+
+def test_orthogonal_delta_keeps_the_singular_mass_that_task_arithmetic_cancels() -> None:
+    """Same scale part, different rotations: the sum shrinks, the orthogonal merge does not."""
+    P = torch.diag(torch.linspace(1.0, 2.0, 8, dtype=torch.float64))
+    taus = [random_orthogonal(8, s) @ P for s in (7, 8, 9)]
+    nuclear = [float(torch.linalg.matrix_norm(t, "nuc")) for t in taus]
+    merged = orthogonal_delta(taus)
+    assert float(torch.linalg.matrix_norm(merged, "nuc")) == pytest.approx(sum(nuclear), rel=1e-10)
+    assert float(torch.linalg.matrix_norm(sum(taus), "nuc")) < 0.8 * sum(nuclear)
+    # Its orthogonal part is the polar factor of the task-arithmetic delta.
+    Q, _ = polar_decompose(merged)
+    assert torch.allclose(Q, polar_decompose(sum(taus))[0], atol=1e-10)
+
+
+def test_orthogonal_delta_rotation_is_the_weighted_procrustes_mean() -> None:
+    """polar(sum tau_i) minimises sum_i ||(Q - Q_i) P_i^(1/2)||_F^2 over orthogonal Q."""
+    taus = [torch.randn(6, 6, generator=gen(s), dtype=torch.float64) for s in (10, 11)]
+    parts = [polar_decompose(t) for t in taus]
+
+    def cost(Q: torch.Tensor) -> float:
+        total = 0.0
+        for Qi, Pi in parts:
+            L, Vecs = torch.linalg.eigh(Pi)
+            root = (Vecs * L.clamp_min(0).sqrt()) @ Vecs.mT
+            total += float(torch.linalg.matrix_norm((Q - Qi) @ root) ** 2)
+        return total
+
+    Q_star = polar_decompose(orthogonal_delta(taus))[0]
+    best = cost(Q_star)
+    for s in range(20):
+        skew = torch.randn(6, 6, generator=gen(50 + s), dtype=torch.float64) * 0.05
+        nudged = Q_star @ torch.linalg.matrix_exp(skew - skew.mT)
+        assert cost(nudged) >= best - 1e-12
+        assert cost(random_orthogonal(6, 80 + s)) >= best
+
+
+def test_exactly_cancelling_tasks_merge_to_the_base() -> None:
+    base = {"w": torch.randn(5, 4, generator=gen(12), dtype=torch.float64)}
+    d = torch.randn(5, 4, generator=gen(13), dtype=torch.float64)
+    out = orthogonal_merge(base, [{"w": base["w"] + d}, {"w": base["w"] - d}])
+    assert torch.allclose(out["w"], base["w"], atol=1e-12)
+
+
+def test_orthogonal_merge_routes_entries(models) -> None:
+    base, ft = models
+    scales = [0.5, 0.5, 0.5]
+    out = orthogonal_merge(base, ft, scales)
+    ta = task_arithmetic(base, ft, scales)
+    # 1-D entries: the task-arithmetic rule with the same scales; integer buffers from base.
+    for k in ("fc.bias", "bn.running_mean", "bn.num_batches_tracked"):
+        assert torch.equal(out[k], ta[k]), k
+    assert torch.equal(out["bn.num_batches_tracked"], base["bn.num_batches_tracked"])
+    # Conv kernels: merged as (out, in * k * k) matrices and reshaped back.
+    taus = [0.5 * (sd["conv.weight"] - base["conv.weight"]).reshape(6, -1) for sd in ft]
+    expected = base["conv.weight"] + orthogonal_delta(taus).reshape(6, 3, 3, 3)
+    assert torch.allclose(out["conv.weight"], expected, atol=1e-12)
+    assert not torch.allclose(out["fc.weight"], ta["fc.weight"], atol=1e-3)
+
+
+# ------------------------------------------------------------------------ common behaviour
+
+
+def test_inputs_not_modified_and_outputs_are_new_tensors(models) -> None:
+    base, ft = models
+    before = [clone_sd(base)] + [clone_sd(sd) for sd in ft]
+    pointers = {v.data_ptr() for sd in [base, *ft] for v in sd.values()}
+    for method in available_merge_methods():
+        out = merge_state_dicts(base, ft, method)
+        assert not pointers & {v.data_ptr() for v in out.values()}, method
+    for a, b in zip([base, *ft], before):
+        assert_sd_close(a, b, atol=0)
+
+
+def test_modules_are_accepted() -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    ft = [nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)) for _ in range(2)]
+    out = orthogonal_merge(base, ft, 0.5)
+    ref = orthogonal_merge(base.state_dict(), [m.state_dict() for m in ft], 0.5)
+    assert_sd_close(out, ref, atol=0)
+    base.load_state_dict(out)  # the result loads into the architecture
+
+
+def test_keys_filter(models) -> None:
+    base, ft = models
+    for keys in (["fc.weight", "fc.bias"], lambda k: k.startswith("fc.")):
+        out = orthogonal_merge(base, ft, 0.5, keys=keys)
+        full = orthogonal_merge(base, ft, 0.5)
+        for k in base:
+            source = full if k.startswith("fc.") else base
+            assert torch.equal(out[k], source[k]), k
+    out = average(ft, keys={"head.weight"}, base=base)
+    assert torch.equal(out["fc.weight"], base["fc.weight"])
+    with pytest.raises(ValueError, match="'nope', which is not a key"):
+        task_arithmetic(base, ft, keys=["fc.weight", "nope"])
+    with pytest.raises(TypeError, match="keys must be None, a predicate"):
+        task_arithmetic(base, ft, keys="fc.weight")
+
+
+def test_dispatcher_and_registry(models) -> None:
+    base, ft = models
+    assert available_merge_methods()[:3] == ["average", "task_arithmetic", "orthogonal"]
+    assert_sd_close(
+        merge_state_dicts(base, ft, "orthogonal", scale=0.4), orthogonal_merge(base, ft, 0.4)
+    )
+    assert_sd_close(merge_state_dicts(base, ft, "task_arithmetic"), task_arithmetic(base, ft))
+    assert_sd_close(
+        merge_state_dicts(base, ft, "average", weights=[1, 2, 3]),
+        average(ft, [1, 2, 3], base=base),
+    )
+    with pytest.raises(ValueError, match="unknown merge method 'soup'; valid methods: average"):
+        merge_state_dicts(base, ft, "soup")
+    with pytest.raises(ValueError, match="already registered"):
+        register_merge_method(get_merge_method("average"))
+
+    def first(base, finetuned, *, keys=None):
+        return {k: v.clone() for k, v in finetuned[0].items()}
+
+    register_merge_method(MergeMethod("first", first, "the first model"))
+    try:
+        assert_sd_close(merge_state_dicts(base, ft, "first"), ft[0], atol=0)
+    finally:
+        del merging_module._METHODS["first"]
+
+
+# --------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("fn", [task_arithmetic, orthogonal_merge])
+def test_bad_state_dicts(models, fn) -> None:
+    base, ft = models
+    missing = clone_sd(ft[1])
+    del missing["fc.bias"]
+    with pytest.raises(ValueError, match=r"finetuned\[1\] is missing key 'fc.bias'"):
+        fn(base, [ft[0], missing])
+    extra = {**clone_sd(ft[0]), "new.weight": torch.zeros(2, 2, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"finetuned\[0\] has key 'new.weight'"):
+        fn(base, [extra])
+    wrong = {**clone_sd(ft[0]), "fc.weight": torch.zeros(12, 9, dtype=torch.float64)}
+    with pytest.raises(
+        ValueError,
+        match=r"key 'fc.weight': base has \(12, 8\), finetuned\[1\] has \(12, 9\)",
+    ):
+        fn(base, [ft[1], wrong])
+    nan = clone_sd(ft[2])
+    nan["head.weight"][1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"finetuned\[1\]\['head.weight'\] .* NaN or Inf"):
+        fn(base, [ft[0], nan])
+    inf_base = {**clone_sd(base), "fc.bias": torch.full((12,), float("inf"), dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"base\['fc.bias'\] .* NaN or Inf"):
+        fn(inf_base, ft)
+    with pytest.raises(ValueError, match="at least one model, got an empty sequence"):
+        fn(base, [])
+    with pytest.raises(TypeError, match="wrap a single model in a list"):
+        fn(base, ft[0])
+    with pytest.raises(TypeError, match=r"finetuned\[1\] must be a state_dict"):
+        fn(base, [ft[0], 3])
+    with pytest.raises(TypeError, match=r"base\['x'\] must be a torch.Tensor"):
+        fn({"x": [1.0]}, ft)
+    with pytest.raises(ValueError, match="scale has 2 entries for 3 models"):
+        fn(base, ft, scale=[1.0, 2.0])
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        fn(base, ft, scale=float("nan"))
+    # Nothing was modified by any of the failed calls.
+    assert not torch.isnan(ft[2]["head.weight"]).any()
+
+
+def test_average_bad_input(models) -> None:
+    _, ft = models
+    with pytest.raises(ValueError, match="weights has 2 entries for 3 models"):
+        average(ft, [1.0, 2.0])
+    with pytest.raises(ValueError, match="non-negative with a positive sum"):
+        average(ft, [1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="weights must be a sequence"):
+        average(ft, 0.5)
+    wrong = {**clone_sd(ft[1]), "head.weight": torch.zeros(4, 11, dtype=torch.float64)}
+    with pytest.raises(
+        ValueError,
+        match=r"'head.weight': state_dicts\[0\] has \(4, 12\), state_dicts\[1\] has \(4, 11\)",
+    ):
+        average([ft[0], wrong])
+    with pytest.raises(ValueError, match="empty sequence"):
+        average([])
+
+
+# ------------------------------------------------------------------------------------- FedSVD
+
+
+def clients(ranks=(3, 2, 4), m: int = 20, n: int = 15, seed: int = 0, dtype=torch.float64):
+    g = gen(seed)
+    return [
+        (torch.randn(m, r, generator=g, dtype=dtype), torch.randn(r, n, generator=g, dtype=dtype))
+        for r in ranks
+    ]
+
+
+def test_fedsvd_is_exact_when_rank_covers_the_mean_product() -> None:
+    loras = clients()
+    M = sum(B @ A for B, A in loras) / 3
+    B, A = fedsvd_aggregate(loras, rank=9)  # rank(M) <= 3 + 2 + 4
+    assert B.shape == (20, 9) and A.shape == (9, 15)
+    assert torch.allclose(B @ A, M, atol=1e-10)
+    assert torch.allclose(A @ A.mT, torch.eye(9, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(mean_lora_product(loras), M, atol=1e-12)
+
+
+def test_fedsvd_float32_exact_to_1e5() -> None:
+    loras = clients(dtype=torch.float32)
+    M = sum(B.double() @ A.double() for B, A in loras) / 3
+    B, A = fedsvd_aggregate(loras, rank=12)
+    assert B.dtype == torch.float32
+    assert ((B @ A).double() - M).abs().max() < 1e-5 * M.abs().max()
+    assert (A @ A.mT - torch.eye(12)).abs().max() < 1e-5
+
+
+def test_fedsvd_truncation_is_eckart_young() -> None:
+    loras = clients()
+    w = [1.0, 2.0, 5.0]
+    M = sum(wi * B @ A for wi, (B, A) in zip(w, loras)) / 8
+    S = torch.linalg.svdvals(M)
+    for r in (1, 4, 8):
+        B, A = fedsvd_aggregate(loras, rank=r, weights=w)
+        error = torch.linalg.matrix_norm(B @ A - M)
+        assert float(error) == pytest.approx(float(S[r:].square().sum().sqrt()), rel=1e-10)
+        assert torch.allclose(A @ A.mT, torch.eye(r, dtype=torch.float64), atol=1e-12)
+
+
+def test_fedavg_product_is_biased_unless_clients_share_a() -> None:
+    loras = clients(ranks=(4, 4, 4))
+    B, A = fedavg_lora(loras)
+    M = mean_lora_product(loras)
+    assert torch.allclose(B, sum(b for b, _ in loras) / 3) and torch.allclose(
+        A, sum(a for _, a in loras) / 3
+    )
+    relative = torch.linalg.matrix_norm(B @ A - M) / torch.linalg.matrix_norm(M)
+    assert relative > 0.5  # cross terms B_i A_j of unrelated clients
+    # Shared A (the FedSVD paper's clients train only B): FedAvg's product is exact, and FedSVD
+    # re-factorises the same update.
+    A0 = loras[0][1]
+    shared = [(b, A0) for b, _ in loras]
+    B, A = fedavg_lora(shared)
+    assert torch.allclose(B @ A, mean_lora_product(shared), atol=1e-12)
+    Bs, As = fedsvd_aggregate(shared, rank=4)
+    assert torch.allclose(Bs @ As, B @ A, atol=1e-10)
+
+
+def test_fedsvd_refactor_and_order_invariance() -> None:
+    loras = clients()
+    B1, A1 = fedsvd_aggregate(loras, rank=5)
+    B2, A2 = fedsvd_aggregate(loras[::-1], rank=5)
+    assert torch.allclose(B1 @ A1, B2 @ A2, atol=1e-10)
+    M = torch.randn(7, 4, generator=gen(3), dtype=torch.float64)
+    B, A = fedsvd_refactor(M, 4)
+    assert torch.allclose(B @ A, M, atol=1e-12)
+
+
+def test_fedsvd_and_fedavg_mapping_form_and_weights() -> None:
+    layer_a, layer_b = clients(ranks=(2, 2), seed=1), clients(ranks=(2, 2), m=6, n=9, seed=2)
+    per_client = [{"a": layer_a[i], "b": layer_b[i]} for i in range(2)]
+    out = fedsvd_aggregate(per_client, rank=4, weights=[3, 1])
+    assert set(out) == {"a", "b"}
+    B, A = out["b"]
+    assert torch.allclose(
+        B @ A, (3 * layer_b[0][0] @ layer_b[0][1] + layer_b[1][0] @ layer_b[1][1]) / 4, atol=1e-10
+    )
+    # Weight 3 on a client is that client sent three times.
+    doubled = fedsvd_aggregate([layer_a[0]] * 3 + [layer_a[1]], rank=4)
+    assert torch.allclose(doubled[0] @ doubled[1], out["a"][0] @ out["a"][1], atol=1e-10)
+    avg = fedavg_lora(per_client)
+    assert torch.allclose(avg["a"][0], (layer_a[0][0] + layer_a[1][0]) / 2)
+
+
+def test_fedsvd_inputs_not_modified() -> None:
+    loras = clients()
+    before = [(B.clone(), A.clone()) for B, A in loras]
+    for out in (fedsvd_aggregate(loras, rank=3), fedavg_lora(clients(ranks=(2, 2)))):
+        assert all(t.data_ptr() not in {x.data_ptr() for p in loras for x in p} for t in out)
+    for (B, A), (B0, A0) in zip(loras, before):
+        assert torch.equal(B, B0) and torch.equal(A, A0)
+
+
+def test_fedsvd_bad_input() -> None:
+    loras = clients()
+    for rank in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="rank must be a positive int"):
+            fedsvd_aggregate(loras, rank=rank)
+    with pytest.raises(ValueError, match=r"rank=16 exceeds min\(m, n\) = 15"):
+        fedsvd_aggregate(loras, rank=16)
+    bad_inner = [
+        *loras[:2],
+        (torch.randn(20, 3, dtype=torch.float64), torch.randn(4, 15, dtype=torch.float64)),
+    ]
+    with pytest.raises(ValueError, match=r"client_loras\[2\]: B is \(20, 3\) and A is \(4, 15\)"):
+        fedsvd_aggregate(bad_inner, rank=2)
+    other_shape = [
+        *loras[:1],
+        (torch.randn(20, 2, dtype=torch.float64), torch.randn(2, 14, dtype=torch.float64)),
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"client_loras\[1\]: .*product 20x14\), but client_loras\[0\] has product 20x15",
+    ):
+        fedsvd_aggregate(other_shape, rank=2)
+    nan_B = loras[1][0].clone()
+    nan_B[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"client_loras\[1\]: B of shape \(20, 2\) contains NaN"):
+        fedsvd_aggregate([loras[0], (nan_B, loras[1][1])], rank=2)
+    with pytest.raises(ValueError, match="at least one client"):
+        fedsvd_aggregate([], rank=2)
+    with pytest.raises(TypeError, match=r"client_loras\[0\] must be a \(B, A\) pair"):
+        fedsvd_aggregate([loras[0][0]], rank=2)
+    with pytest.raises(ValueError, match="weights must be a sequence of 3"):
+        fedsvd_aggregate(loras, rank=2, weights=[1.0])
+    with pytest.raises(ValueError, match="non-negative with a positive sum"):
+        fedsvd_aggregate(loras, rank=2, weights=[0, 0, 0])
+    with pytest.raises(ValueError, match=r"client_loras\[1\] is missing layer 'b'"):
+        fedsvd_aggregate([{"a": loras[0], "b": loras[1]}, {"a": loras[2]}], rank=2)
+    with pytest.raises(ValueError, match=r"client_loras\[1\]\['a'\]: B is"):
+        fedsvd_aggregate([{"a": loras[0]}, {"a": bad_inner[2]}], rank=2)
+    with pytest.raises(ValueError, match=r"layer 'a': rank=16 exceeds"):
+        fedsvd_aggregate([{"a": loras[0]}], rank=16)
+    with pytest.raises(TypeError, match="use one form for every client"):
+        fedsvd_aggregate([{"a": loras[0]}, loras[1]], rank=2)
+    with pytest.raises(ValueError, match=r"one rank for every client, got ranks \[3, 2, 4\]"):
+        fedavg_lora(loras)
+    assert not torch.isnan(loras[1][0]).any()
