@@ -14,7 +14,13 @@ from torch.optim import Optimizer
 from .. import distributed
 from ..functional import apply_buckets_
 from ..linalg import get_method, resolve_compute
-from ..linalg.spectral import DEFAULT_POLISH_STEPS, check_clip, spectral_clip_kernel
+from ..linalg.spectral import (
+    DEFAULT_POLISH_STEPS,
+    ClipRoute,
+    check_clip,
+    check_route,
+    spectral_clip_kernel,
+)
 from ._base import NonFiniteGradientError, OrthogonalOptimizer
 
 __all__ = ["SPECTRA", "decoupled_weight_decay", "recover_update"]
@@ -92,6 +98,9 @@ class SPECTRA(Optimizer):
         steps: its iterations (``None``: the method's default plus 3).
         dtype: compute dtype of the clip (default float32).
         polish_steps: convergent Newton–Schulz steps after the method (default 2).
+        route: how ``H_c`` is computed (:func:`orthotorch.linalg.spectral_clip`): ``"auto"``
+            (``"eigh"`` of the small-side Gram matrix on the CPU, matmul-only ``"gram"``
+            Newton–Schulz elsewhere), ``"gram"``, ``"eigh"`` or ``"polar"``.
         check_finite: raise :class:`~orthotorch.optim.NonFiniteGradientError` on NaN/Inf
             gradients before the base step, changing nothing (one host sync per step).
         distributed: ``"auto"`` or ``"off"``; see :class:`~orthotorch.optim.OrthogonalOptimizer`.
@@ -114,6 +123,7 @@ class SPECTRA(Optimizer):
         steps: int | None = None,
         dtype: torch.dtype | None = torch.float32,
         polish_steps: int = DEFAULT_POLISH_STEPS,
+        route: ClipRoute = "auto",
         check_finite: bool = True,
         distributed: str = "auto",
     ) -> None:
@@ -135,9 +145,9 @@ class SPECTRA(Optimizer):
         self.pre_clip = None if pre_clip is None else check_clip(pre_clip, "pre_clip")
         # Validate the clip's options now (never at step 1000) and keep the resolved ones.
         resolve_compute(method, steps, dtype)
-        spectral_clip_kernel(1.0, method, steps, dtype, polish_steps)
+        spectral_clip_kernel(1.0, method, steps, dtype, polish_steps, route)
         self.method, self.steps, self.dtype = method, steps, dtype
-        self.polish_steps = polish_steps
+        self.polish_steps, self.route = polish_steps, route
         self.check_finite = bool(check_finite)
         self.distributed = distributed
         self.optimizer = optimizer
@@ -213,7 +223,7 @@ class SPECTRA(Optimizer):
 
     def _map(self, tensors: list[Tensor], c: float) -> list:
         kernel, compute = spectral_clip_kernel(
-            c, self.method, self.steps, self.dtype, self.polish_steps
+            c, self.method, self.steps, self.dtype, self.polish_steps, self.route
         )
         return distributed.map_matrices(tensors, kernel, compute, self.distributed)
 
@@ -261,6 +271,7 @@ class SPECTRA(Optimizer):
             "steps": self.steps,
             "dtype": self.dtype,
             "polish_steps": self.polish_steps,
+            "route": self.route,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -280,6 +291,8 @@ class SPECTRA(Optimizer):
             get_method(settings["method"])
             self.method, self.steps = settings["method"], settings["steps"]
             self.dtype, self.polish_steps = settings["dtype"], settings["polish_steps"]
+            # Checkpoints from before ``route`` existed keep the current route.
+            self.route = check_route(settings.get("route", self.route))
         self.optimizer.load_state_dict(state_dict)
         # The base replaces its param_groups list and state on load: share the new ones.
         self.param_groups = self.optimizer.param_groups
@@ -294,7 +307,8 @@ class SPECTRA(Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"SPECTRA(clip={self.clip}, pre_clip={self.pre_clip}, method={self.method!r},\n"
+            f"SPECTRA(clip={self.clip}, pre_clip={self.pre_clip}, route={self.route!r}, "
+            f"method={self.method!r},\n"
             f"  {self.optimizer!r})"
         )
 
