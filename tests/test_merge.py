@@ -121,6 +121,21 @@ def test_float32_dtype_kept_and_close_to_float64(models) -> None:
             )
 
 
+def test_bfloat16_models_merge_like_their_float32_copies() -> None:
+    """Regression: a rank tolerance from bf16's epsilon (x max(m, n)) dropped most of a delta."""
+    base = {"w": torch.randn(64, 256, generator=gen(20)).bfloat16()}
+    ft = [
+        {"w": base["w"] + 0.05 * torch.randn(64, 256, generator=gen(s)).bfloat16()}
+        for s in (21, 22)
+    ]
+    as32 = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
+    out = orthogonal_merge(base, ft, 0.5)["w"]
+    ref = orthogonal_merge(as32(base), [as32(sd) for sd in ft], 0.5)["w"]
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 2e-2
+    assert (out.float() - base["w"].float()).abs().max() > 0.05
+
+
 # --------------------------------------------------------------------- orthogonal merge: math
 
 
@@ -344,6 +359,19 @@ def test_bad_state_dicts(models, fn) -> None:
         fn(base, ft, scale=float("nan"))
     # Nothing was modified by any of the failed calls.
     assert not torch.isnan(ft[2]["head.weight"]).any()
+
+
+def test_functional_core_bad_input() -> None:
+    with pytest.raises(ValueError, match="at least one matrix"):
+        orthogonal_delta([])
+    with pytest.raises(ValueError, match="2-D tensors of one shape"):
+        orthogonal_delta([torch.zeros(3, 4), torch.zeros(4, 3)])
+    with pytest.raises(ValueError, match=r"deltas\[1\] of shape \(3, 4\) contains NaN"):
+        orthogonal_delta([torch.zeros(3, 4), torch.full((3, 4), float("nan"))])
+    with pytest.raises(ValueError, match="real 2-D floating tensor"):
+        polar_decompose(torch.zeros(3))
+    with pytest.raises(ValueError, match="X of shape"):
+        polar_decompose(torch.full((2, 2), float("inf")))
 
 
 def test_average_bad_input(models) -> None:

@@ -19,7 +19,7 @@ The design of :func:`orthogonal_merge` follows the idea of OrthoMerge (Yang, Shi
 (found by solving an orthogonal Procrustes problem), merge the orthogonal parts on the orthogonal
 group with a magnitude correction, and merge what is left additively. It is not a
 reimplementation of that paper: OrthoMerge rotates the *base* (``W_i ~ W_0 R_i + E_i``, ``R_i``
-merged through the Cayley map) and needs ``W_0 + I``-type invertibility, while here the polar
+merged through the Cayley map, which needs ``R_i + I`` invertible), while here the polar
 decomposition is taken of each *task vector*, which keeps the exact task-arithmetic limit for one
 model at every scale and needs no matrix inverse.
 
@@ -76,15 +76,17 @@ def polar_decompose(X: Tensor, *, eps: float | None = None) -> tuple[Tensor, Ten
 
     Args:
         X: a real 2-D floating tensor.
-        eps: relative rounding level of ``X``'s entries; ``None`` uses ``X.dtype``'s epsilon.
+        eps: relative rounding level that counts as zero; ``None`` uses the compute dtype's
+            epsilon (as the ``"svd"`` method of :func:`orthotorch.linalg.orthogonalize` does).
 
     Returns:
         ``(Q, P)`` in float64 for float64 input, else float32.
     """
     if X.ndim != 2 or not X.is_floating_point():
         raise ValueError(f"X must be a real 2-D floating tensor, got {X.dtype} {tuple(X.shape)}")
-    eps = torch.finfo(X.dtype).eps if eps is None else eps
+    _check_finite(X, "X")
     compute = torch.float64 if X.dtype == torch.float64 else torch.float32
+    eps = torch.finfo(compute).eps if eps is None else eps
     U, S, Vh = torch.linalg.svd(X.to(compute), full_matrices=False)
     S = torch.where(S > _rank_tol(S, tuple(X.shape), eps), S, torch.zeros_like(S))
     keep = (S > 0).to(compute)
@@ -124,8 +126,9 @@ def orthogonal_delta(deltas: Sequence[Tensor], *, eps: float | None = None) -> T
 
     Args:
         deltas: one or more ``(m, n)`` tensors of equal shape (the scaled task vectors).
-        eps: relative rounding level of the inputs (sets the numerical rank); ``None`` uses the
-            epsilon of the least precise input dtype.
+        eps: relative rounding level that counts as zero (sets the numerical rank of the sum);
+            ``None`` uses the compute dtype's epsilon. The input dtype's epsilon would be wrong
+            for bf16 weights: ``max(m, n) * 2**-8`` is about one for a 256-wide layer.
 
     Returns:
         The merged ``(m, n)`` delta in float64 for float64 inputs, else float32.
@@ -137,9 +140,10 @@ def orthogonal_delta(deltas: Sequence[Tensor], *, eps: float | None = None) -> T
         raise ValueError(
             f"deltas must be 2-D tensors of one shape, got {[tuple(d.shape) for d in deltas]}"
         )
-    if eps is None:
-        eps = max(torch.finfo(d.dtype).eps for d in deltas)
+    for i, d in enumerate(deltas):
+        _check_finite(d, f"deltas[{i}]")
     compute = torch.float64 if all(d.dtype == torch.float64 for d in deltas) else torch.float32
+    eps = torch.finfo(compute).eps if eps is None else eps
     factors = []
     sigma_max = 0.0
     for d in deltas:
@@ -243,7 +247,8 @@ def _selected(keys: KeyFilter, names: Sequence[str]) -> set[str]:
             "keys must be None, a predicate Callable[[str], bool] or a collection of key names, "
             f"got {type(keys).__name__}"
         )
-    unknown = [k for k in keys if k not in set(names)]
+    known = set(names)
+    unknown = [k for k in keys if k not in known]
     if unknown:
         raise ValueError(f"keys names {unknown[0]!r}, which is not a key of the state_dicts")
     return set(keys)
@@ -318,9 +323,8 @@ def _merge_with_base(
             lam * (sd[key].detach().to(W0.device, compute) - W0c) for lam, sd in zip(scales, models)
         ]
         if matrix_rule is not None and W0.ndim >= 2:
-            eps = max(torch.finfo(sd[key].dtype).eps for sd in [*models, base_sd])
             flat = [t.reshape(W0.shape[0], -1) for t in taus]
-            delta = matrix_rule(flat, eps).reshape(W0.shape)
+            delta = matrix_rule(flat).reshape(W0.shape)
         else:
             delta = torch.stack(taus).sum(0)
         out[key] = (W0c + delta).to(W0.dtype)
@@ -398,11 +402,7 @@ def orthogonal_merge(
     """
     base_sd, models, chosen = _prepare(base, finetuned, keys)
     scales = _per_model(scale, len(models), "scale")
-
-    def rule(flat: list[Tensor], eps: float) -> Tensor:
-        return orthogonal_delta(flat, eps=eps)
-
-    return _merge_with_base(base_sd, models, chosen, scales, rule)
+    return _merge_with_base(base_sd, models, chosen, scales, orthogonal_delta)
 
 
 @torch.no_grad()
