@@ -74,6 +74,9 @@ def test_lambda_orthogonality_gradcheck() -> None:
 
 def test_lambda_orthogonality_gradient_finite_at_exact_orthogonality() -> None:
     """||.||_F has no derivative at 0; a naive norm gives NaN gradients at an orthogonal W."""
+    W = torch.eye(4, 6, requires_grad=True)
+    (W @ W.T - torch.eye(4)).square().sum().sqrt().backward()
+    assert torch.isnan(W.grad).all()  # the trap is real
     for W0 in (torch.eye(4, 6), torch.eye(6, 4), torch.eye(5).expand(3, 5, 5)):
         for dtype in (torch.float32, torch.float64):
             W = W0.to(dtype).clone().requires_grad_()

@@ -70,9 +70,10 @@ def _check_dim(name: str, value: object) -> int:
 def _safe_frobenius(E: Tensor) -> Tensor:
     """``||E||_F`` over the last two dims, with gradient 0 (not NaN) where ``E == 0``.
 
-    ``sqrt`` has an infinite derivative at 0 and autograd would return ``0 * inf = NaN`` at an
-    exactly orthogonal ``W``. Zero is a valid subgradient there (the minimum of the cone), and
-    the double ``where`` keeps the unused ``sqrt`` branch away from 0 so no NaN is created.
+    ``sqrt`` has an infinite derivative at 0, so a plain ``E.square().sum().sqrt()`` backprops
+    ``0 * inf = NaN`` at an exactly orthogonal ``W``. Zero is a valid subgradient there (the
+    minimum of the cone), and the double ``where`` keeps the unused ``sqrt`` branch away from 0
+    so no NaN is created.
     """
     sq = E.square().sum(dim=(-2, -1))
     positive = sq > 0
