@@ -7,11 +7,12 @@ One process, one run, side by side (fits interleaved, median of ``--repeats`` ro
    ``|<d, d0>|`` over learned (unit-normalised) atoms — min and mean over atoms;
 2. real data, two tasks: the 8x8 ``load_digits`` images as 64-dim samples, and 8x8 patches of
    ``load_sample_images`` (greyscale, ``extract_patches_2d``); both centred by the training
-   mean, split 80/20, errors on the held-out 20%. Relative reconstruction error
-   ``||Y - Y_hat||_F / ||Y||_F`` at ``k = 4, 8, 16`` non-zeros per sample for
-   ours (``l4``; ``k_sparse`` fitted at each ``k``; exact top-k codes), MBDL (64 atoms,
-   ``alpha`` default, OMP with ``k`` non-zeros) and the fixed PCA and 2-D DCT bases
-   (top-k codes, the floor an orthogonal dictionary must beat); fit times and ratios.
+   mean and scaled to unit overall variance, split 80/20, errors on the held-out 20%.
+   Relative reconstruction error ``||Y - Y_hat||_F / ||Y||_F`` at ``k = 4, 8, 16`` non-zeros
+   per sample for ours (``l4``; ``k_sparse`` fitted at each ``k``; exact top-k codes; default
+   settings: 10 epochs of 256-sample batches), MBDL (64 atoms, ``alpha = 1``, OMP with ``k``
+   non-zeros; its default stopping and, for equal work, 10 epochs) and the fixed PCA and 2-D
+   DCT bases (top-k codes, the floor an orthogonal dictionary must beat); fit times, ratios.
 
 Target (issue 10): >= 10x faster than MBDL at equal or better error on the patch task. Said
 plainly in the last lines, from the numbers printed; shared/ALGORITHMS.md warns that a complete
@@ -56,7 +57,10 @@ def split(Y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     cut = int(0.8 * len(Y))
     train, test = Y[order[:cut]], Y[order[cut:]]
     mean = train.mean(axis=0)
-    return train - mean, test - mean
+    # One global scale (not per feature) keeps the geometry; it puts MBDL's alpha on the scale
+    # scikit-learn's examples use.
+    scale = (train - mean).std()
+    return (train - mean) / scale, (test - mean) / scale
 
 
 def rel_error(Y: np.ndarray, Y_hat: np.ndarray) -> float:
@@ -82,9 +86,16 @@ def ours(objective: str, k: int | None = None) -> OnlineOrthogonalDictionaryLear
     )
 
 
-def mbdl() -> MiniBatchDictionaryLearning:
+def mbdl(max_iter: int = 1000) -> MiniBatchDictionaryLearning:
+    # alpha=1 on unit-variance data, as in scikit-learn's image-denoising example; max_iter=1000
+    # is its default (it stops early after 10 batches without improvement).
     return MiniBatchDictionaryLearning(
-        n_components=64, transform_algorithm="omp", random_state=0, batch_size=256
+        n_components=64,
+        alpha=1.0,
+        max_iter=max_iter,
+        transform_algorithm="omp",
+        random_state=0,
+        batch_size=256,
     )
 
 
@@ -116,11 +127,11 @@ def planted(repeats: int) -> None:
 def task(name: str, Y: np.ndarray, repeats: int) -> dict[str, float]:
     train, test = split(Y, 0)
     print(f"== {name}: train {train.shape}, test {test.shape} (relative error on test)")
-    fits: dict[str, list[float]] = {"ours l4": [], "MBDL": []}
-    fits.update({f"ours k_sparse k={k}": [] for k in KS})
-    models: dict[str, object] = {}
-    makers = [("ours l4", lambda: ours("l4")), ("MBDL", mbdl)]
+    makers = [("ours l4", lambda: ours("l4"))]
     makers += [(f"ours k_sparse k={k}", lambda k=k: ours("k_sparse", k)) for k in KS]
+    makers += [("MBDL", mbdl), ("MBDL 10 epochs", lambda: mbdl(10))]
+    fits: dict[str, list[float]] = {label: [] for label, _ in makers}
+    models: dict[str, object] = {}
     for _ in range(repeats):
         for label, make in makers:
             t, model = timed(lambda make=make: make().fit(train))
@@ -137,31 +148,30 @@ def task(name: str, Y: np.ndarray, repeats: int) -> dict[str, float]:
     errors["ours k_sparse (fit at k)"] = [
         topk_error(models[f"ours k_sparse k={k}"].components_, test, k) for k in KS
     ]
-    mb = models["MBDL"]
-    mb_err = []
-    for k in KS:
-        mb.set_params(transform_n_nonzero_coefs=k)
-        mb_err.append(rel_error(test, mb.transform(test) @ mb.components_))
-    errors["MBDL (OMP at k)"] = mb_err
+    for label in ("MBDL", "MBDL 10 epochs"):
+        mb = models[label]
+        errors[f"{label} (OMP at k)"] = []
+        for k in KS:
+            mb.set_params(transform_n_nonzero_coefs=k)
+            errors[f"{label} (OMP at k)"].append(
+                rel_error(test, mb.transform(test) @ mb.components_)
+            )
     print(f"{'method':<28}" + "".join(f"{'k=' + str(k):>9}" for k in KS))
     for label, errs in errors.items():
         print(f"{label:<28}" + "".join(f"{e:>9.4f}" for e in errs))
-    t_mb = statistics.median(fits["MBDL"])
-    print(
-        "fit time (median s):  "
-        + "  ".join(f"{a} {statistics.median(b):.3f}" for a, b in fits.items())
-    )
-    t_l4 = statistics.median(fits["ours l4"])
-    t_ks = max(statistics.median(fits[f"ours k_sparse k={k}"]) for k in KS)
-    print(
-        f"fit time MBDL / ours l4: {t_mb / t_l4:.1f}x; MBDL / ours k_sparse (slowest k): "
-        f"{t_mb / t_ks:.1f}x"
-    )
+    med = {label: statistics.median(t) for label, t in fits.items()}
+    print("fit time, median s: " + ", ".join(f"{a} {b:.3f}" for a, b in med.items()))
+    t_ours = max(med["ours l4"], *(med[f"ours k_sparse k={k}"] for k in KS))
     best_ours = np.minimum(errors["ours l4"], errors["ours k_sparse (fit at k)"])
+    mb_err = errors["MBDL (OMP at k)"]
+    print(
+        f"fit time MBDL / ours (slowest of ours): {med['MBDL'] / t_ours:.1f}x; "
+        f"MBDL 10 epochs / ours: {med['MBDL 10 epochs'] / t_ours:.1f}x"
+    )
     gaps = [f"k={k}: {o:.4f} vs {b:.4f}" for k, o, b in zip(KS, best_ours, mb_err, strict=True)]
-    print("best ours vs MBDL error: " + "; ".join(gaps) + "\n")
+    print("best ours vs MBDL (default) error: " + "; ".join(gaps) + "\n")
     return {
-        "speedup": t_mb / t_ks,
+        "speedup": med["MBDL"] / t_ours,
         "at_least_as_good": float(all(o <= b for o, b in zip(best_ours, mb_err, strict=True))),
     }
 

@@ -99,10 +99,10 @@ __all__ = [
     "CodingAlgorithm",
     "Objective",
     "OnlineOrthogonalDictionaryLearning",
+    "averaging_weight",
     "frank_wolfe_step",
     "k_sparse_objective_gradient",
     "l4_objective_gradient",
-    "averaging_weight",
     "objective_gradient",
     "principal_basis",
     "sparse_codes",
@@ -332,6 +332,8 @@ class OnlineOrthogonalDictionaryLearning(
         forget_factor: ``rho`` in ``[0, 1)`` of the running gradient.
         init: ``"pca"`` (top right singular vectors of the data, the fixed basis to improve on)
             or ``"random"`` (Haar-random orthonormal rows from ``random_state``).
+        dict_init: optional ``(n_components, n_features)`` starting dictionary (e.g. a DCT
+            basis); its polar factor is used, and it overrides ``init``.
         polar_method: ``"svd"`` (exact) or a Newton–Schulz name of
             :func:`orthotorch.linalg.available_methods` for the oracle.
         transform_algorithm: ``"topk"``, ``"hard"`` or ``"soft"`` (see :func:`sparse_codes`).
@@ -361,6 +363,7 @@ class OnlineOrthogonalDictionaryLearning(
         "step_size": [Interval(Real, 0, 1, closed="right")],
         "forget_factor": [Interval(Real, 0, 1, closed="left")],
         "init": [StrOptions({"pca", "random"})],
+        "dict_init": ["array-like", None],
         "polar_method": [StrOptions(set(available_methods()))],
         "transform_algorithm": [StrOptions(set(CODING_ALGORITHMS))],
         "transform_n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
@@ -381,6 +384,7 @@ class OnlineOrthogonalDictionaryLearning(
         step_size: float = 1.0,
         forget_factor: float = 0.9,
         init: Literal["pca", "random"] = "pca",
+        dict_init: Any = None,
         polar_method: str = "svd",
         transform_algorithm: CodingAlgorithm = "topk",
         transform_n_nonzero_coefs: int | None = None,
@@ -397,6 +401,7 @@ class OnlineOrthogonalDictionaryLearning(
         self.step_size = step_size
         self.forget_factor = forget_factor
         self.init = init
+        self.dict_init = dict_init
         self.polar_method = polar_method
         self.transform_algorithm = transform_algorithm
         self.transform_n_nonzero_coefs = transform_n_nonzero_coefs
@@ -445,6 +450,22 @@ class OnlineOrthogonalDictionaryLearning(
         return s
 
     def _initial_dictionary(self, X: Tensor, k: int, rng: np.random.RandomState) -> Tensor:
+        if self.dict_init is not None:
+            D = self.dict_init
+            D = (
+                _as_tensor(D, "dict_init")
+                if isinstance(D, Tensor)
+                else torch.from_numpy(
+                    check_array(D, dtype=[np.float64, np.float32], input_name="dict_init")
+                )
+            )
+            if tuple(D.shape) != (k, X.shape[1]):
+                raise ValueError(
+                    f"dict_init must have shape (n_components, n_features) = {(k, X.shape[1])}, "
+                    f"got {tuple(D.shape)}"
+                )
+            # Copy, then project: the user's array is never written to or aliased.
+            return polar(D.to(X.device, X.dtype).clone())
         if self.init == "pca":
             return principal_basis(X, k)
         n = X.shape[1]
