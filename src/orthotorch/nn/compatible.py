@@ -92,7 +92,7 @@ def lambda_orthogonality(weight: Tensor, lam: float = 12.0, alpha: float = 1.0) 
     on the small side of ``W`` (``W^T W`` for a tall ``W``), with ``σ`` the logistic sigmoid.
     Inside the band ``d < λ`` the gate ``σ`` is close to 0 and ``W`` is free to adapt; outside,
     ``L ≈ d`` pulls ``W`` back towards orthogonality. ``alpha`` sets how sharp the band edge
-    is. ``lam = 0`` gives a smooth ``d / 2``-like penalty near orthogonality.
+    is. ``lam = 0`` gives ``≈ d / 2`` near orthogonality: a plain penalty with no band.
 
     Args:
         weight: ``(..., m, n)`` real floating-point tensor.
