@@ -62,7 +62,8 @@ class OrthogonalConvExistence:
     Attributes:
         exists: an orthogonal kernel exists (for inputs large enough, ``S`` dividing ``n``).
         kind: ``"row"`` (:math:`\\mathcal{K}\\mathcal{K}^\\top = I`, ``M <= C S^2``; at
-            ``M = C S^2`` the operator is square and also column-orthogonal) or ``"column"``
+            ``M = C S^2`` with circular or same padding the operator is square, so also
+            column-orthogonal) or ``"column"``
             (:math:`\\mathcal{K}^\\top\\mathcal{K} = I`, ``M > C S^2``) when it exists, else
             ``None``.
         reason: the condition that decided, with the numbers.
