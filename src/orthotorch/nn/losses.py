@@ -13,6 +13,7 @@ r"""Orthogonality on features: the orthogonal projection loss and equiangular cl
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "EquiangularClassifier",
+    "InterClass",
     "OrthogonalProjectionLoss",
     "equiangular_basis_vectors",
     "orthogonal_projection_loss",
@@ -44,7 +46,13 @@ def _check_positive_int(name: str, value: object) -> int:
     return value
 
 
-def orthogonal_projection_loss(features: Tensor, labels: Tensor, gamma: float = 0.5) -> Tensor:
+InterClass = Literal["abs_mean", "mean_abs"]
+_INTER = ("abs_mean", "mean_abs")
+
+
+def orthogonal_projection_loss(
+    features: Tensor, labels: Tensor, gamma: float = 0.5, inter: InterClass = "abs_mean"
+) -> Tensor:
     r"""Orthogonal projection loss :math:`(1 - s) + \gamma\,|d|` of a mini-batch.
 
     With :math:`\hat f_i = f_i / \|f_i\|`,
@@ -56,15 +64,25 @@ def orthogonal_projection_loss(features: Tensor, labels: Tensor, gamma: float = 
 
     (Ranasinghe et al. 2021, eq. 4; ``gamma = 0.5`` is the paper's choice). ``s`` pushes each
     class onto one direction, ``d`` makes the class directions orthogonal. ``0 <= loss <= 2 +
-    gamma``; it is 0 iff each class's features are parallel and the classes are orthogonal on
-    average. A batch without same-class pairs has no ``s`` term (it counts as ``s = 0``, a
-    constant ``1``); one without different-class pairs has ``d = 0``, as in the reference code.
-    Zero feature vectors count as orthogonal to everything.
+    gamma``.
+
+    ``inter="abs_mean"`` is the paper's ``|d|``: zero when the cross-class cosines cancel *on
+    average*. The paper's features are non-negative (after a ReLU), so there every cosine is
+    ``>= 0`` and a zero mean means pairwise orthogonal classes; with signed features, positive
+    and negative cosines can cancel instead (the tests show such a minimum).
+    ``inter="mean_abs"`` uses ``mean |cos|`` over the different-class pairs, which is zero only
+    when every pair of classes is orthogonal, for any features. ALGORITHMS.md's
+    "mean |cosine|" is this variant.
+
+    A batch without same-class pairs has no ``s`` term (it counts as ``s = 0``, a constant
+    ``1``); one without different-class pairs has ``d = 0``, as in the reference code. Zero
+    feature vectors count as orthogonal to everything.
 
     Args:
         features: ``(B, D)`` real features (before or after the classifier's normalisation).
         labels: ``(B,)`` integer class labels.
         gamma: weight ``>= 0`` of the inter-class term.
+        inter: ``"abs_mean"`` (``|mean cos|``, the paper) or ``"mean_abs"`` (``mean |cos|``).
 
     Returns:
         A scalar tensor in ``features``' dtype, differentiable in ``features``.
@@ -72,7 +90,7 @@ def orthogonal_projection_loss(features: Tensor, labels: Tensor, gamma: float = 
     Raises:
         TypeError: ``features`` or ``labels`` is not a tensor.
         ValueError: wrong shapes or dtypes, mismatched batch sizes, NaN/Inf features,
-            ``gamma < 0``.
+            ``gamma < 0``, unknown ``inter``.
     """
     if not isinstance(features, Tensor) or not isinstance(labels, Tensor):
         raise TypeError("features and labels must be torch.Tensors")
@@ -87,6 +105,8 @@ def orthogonal_projection_loss(features: Tensor, labels: Tensor, gamma: float = 
             f"{tuple(labels.shape)} and dtype {labels.dtype}"
         )
     gamma = _check_real_number("gamma", gamma, positive=False)
+    if inter not in _INTER:
+        raise ValueError(f"inter must be one of {', '.join(map(repr, _INTER))}, got {inter!r}")
     if not bool(torch.isfinite(features.detach()).all()):
         raise ValueError("features contain NaN or Inf values")
     f = F.normalize(features, dim=1)
@@ -96,22 +116,28 @@ def orthogonal_projection_loss(features: Tensor, labels: Tensor, gamma: float = 
     negative = ~same
     # An empty mask gives 0/1 = 0: the term is dropped (no gradient) rather than NaN.
     s = (cos * positive).sum() / positive.sum().clamp_min(1)
-    d = (cos * negative).sum() / negative.sum().clamp_min(1)
-    return (1 - s) + gamma * d.abs()
+    if inter == "abs_mean":
+        d = ((cos * negative).sum() / negative.sum().clamp_min(1)).abs()
+    else:
+        d = (cos.abs() * negative).sum() / negative.sum().clamp_min(1)
+    return (1 - s) + gamma * d
 
 
 class OrthogonalProjectionLoss(nn.Module):
     """Module form of :func:`orthogonal_projection_loss`: ``loss(features, labels)``."""
 
-    def __init__(self, gamma: float = 0.5) -> None:
+    def __init__(self, gamma: float = 0.5, inter: InterClass = "abs_mean") -> None:
         super().__init__()
         self.gamma = _check_real_number("gamma", gamma, positive=False)
+        if inter not in _INTER:
+            raise ValueError(f"inter must be one of {', '.join(map(repr, _INTER))}, got {inter!r}")
+        self.inter = inter
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
-        return orthogonal_projection_loss(features, labels, self.gamma)
+        return orthogonal_projection_loss(features, labels, self.gamma, self.inter)
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}"
+        return f"gamma={self.gamma}, inter={self.inter!r}"
 
 
 def welch_bound(num_classes: int, dim: int) -> float:
