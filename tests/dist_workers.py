@@ -57,10 +57,33 @@ def loss_of(model: nn.Module, step: int) -> torch.Tensor:
     return nn.functional.cross_entropy(model(x).reshape(-1, 37), y.reshape(-1))
 
 
+# Low-rank configurations by name: update_every=2 refreshes subspaces (and rotates moments)
+# at steps 0, 2 and 4 of a 5-step run, so resharded state and rotations are exercised.
+LOWRANK_VARIANTS: dict[str, tuple[str, dict]] = {
+    "DCTAdamW-ortho": ("DCTAdamW", dict(orthogonalize=True, update_every=2, rank=0.5)),
+    "GaLoreAdamW-ortho": (
+        "GaLoreAdamW",
+        dict(orthogonalize=True, update_every=2, rank=0.5, rotate_moments=True),
+    ),
+    "DCTAdamW-adam": ("DCTAdamW", dict(update_every=2, rank=0.5)),
+    "GaLoreAdamW-adam": ("GaLoreAdamW", dict(update_every=2, rank=0.5)),
+}
+
+
+def optimizer_class(name: str) -> tuple[type, dict]:
+    """``(class, extra kwargs)`` for an optimizer name or a :data:`LOWRANK_VARIANTS` key."""
+    cls_name, extra = LOWRANK_VARIANTS.get(name, (name, {}))
+    return getattr(orthotorch, cls_name), dict(extra)
+
+
 def make_optimizer(name: str, model: nn.Module, **kwargs) -> torch.optim.Optimizer:
-    cls = getattr(orthotorch, name)
+    cls, extra = optimizer_class(name)
     return cls(
-        orthotorch.param_groups(model), lr=0.02, adamw_lr=3e-3, ns_dtype=torch.float32, **kwargs
+        orthotorch.param_groups(model),
+        lr=0.02,
+        adamw_lr=3e-3,
+        ns_dtype=torch.float32,
+        **{**extra, **kwargs},
     )
 
 
@@ -155,9 +178,8 @@ def scenario_no_hang(rank: int, world: int, out: str, name: str) -> None:
     torch.manual_seed(0)
     shared = nn.Parameter(torch.randn(5, 3))
     lonely = nn.Parameter(torch.randn(7, 3))  # gets a gradient on rank 0 only
-    opt = getattr(orthotorch, name)(
-        [{"params": [shared]}, {"params": [lonely]}], lr=0.1, ns_dtype=torch.float32
-    )
+    cls, extra = optimizer_class(name)
+    opt = cls([{"params": [shared]}, {"params": [lonely]}], lr=0.1, ns_dtype=torch.float32, **extra)
     before = lonely.detach().clone()
     for _ in range(3):
         shared.grad = torch.ones_like(shared)
@@ -200,6 +222,89 @@ def scenario_nan_on_one_rank(rank: int, world: int, out: str, name: str) -> None
     torch.save({"error": message}, os.path.join(out, f"rank{rank}.pt"))
 
 
+def _subspaces(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    key = opt.finder.state_key
+    return [
+        opt.state[p][key].clone()
+        for g in opt.param_groups
+        for p in g["params"]
+        if key in opt.state[p]
+    ]
+
+
+def scenario_lowrank(rank: int, world: int, out: str, names: str) -> None:
+    """Each low-rank variant of ``names`` (comma-separated) trained under DDP, then FSDP2."""
+    results = {}
+    for name in names.split(","):
+        runs = {}
+        for layout in ("ddp", "fsdp"):
+            if layout == "ddp":
+                ddp = nn.parallel.DistributedDataParallel(make_model())
+                model, trained = ddp.module, ddp
+            else:
+                model = trained = _fsdp_model()
+            opt = make_optimizer(name, model)
+            odist.STATS.reset()
+            train(trained, opt, range(STEPS))
+            runs[layout] = {
+                "params": full_state(model),
+                "stats": vars(odist.STATS).copy(),
+                "subspaces": _subspaces(opt),
+            }
+        results[name] = runs
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+def scenario_lowrank_checkpoint(rank: int, world: int, out: str, names: str) -> None:
+    """:func:`scenario_fsdp_checkpoint` for each variant, in ``{out}/{variant}``."""
+    for name in names.split(","):
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        dist.barrier()
+        scenario_fsdp_checkpoint(rank, world, os.path.join(out, name), name)
+    torch.save({}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def scenario_lowrank_no_hang(rank: int, world: int, out: str, names: str) -> None:
+    """:func:`scenario_no_hang` (plain tensors) and its FSDP2 analogue for each variant: row
+    shards of uneven size (5 rows, 3 rows), an empty shard (a 1-row weight), a group with one
+    matrix, and a weight whose gradient exists on rank 0 only."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for name in names.split(","):
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        scenario_no_hang(rank, world, os.path.join(out, name), name)
+        plain = torch.load(os.path.join(out, name, f"rank{rank}.pt"))
+        torch.manual_seed(0)
+        shapes = [(5, 3), (1, 4), (3, 7)]
+        params = [nn.Parameter(distribute_tensor(torch.randn(s), mesh, [Shard(0)])) for s in shapes]
+        cls, extra = optimizer_class(name)
+        opt = cls(
+            [{"params": params[:2]}, {"params": params[2:]}],
+            lr=0.1,
+            ns_dtype=torch.float32,
+            **extra,
+        )
+        before = [p.full_tensor() for p in params]
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for i, p in enumerate(params):
+                # distribute_tensor is a collective: every rank calls it.
+                grad = distribute_tensor(torch.randn(p.shape, generator=gen), mesh, [Shard(0)])
+                p.grad = None if i == 2 and rank != 0 else grad
+            opt.step()
+        after = [p.full_tensor() for p in params]
+        results[name] = {
+            "plain": plain,
+            "sharded_moved": [not torch.equal(a, b) for a, b in zip(before, after, strict=True)],
+            "sharded_finite": all(bool(a.isfinite().all()) for a in after),
+            "sharded": after,
+        }
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
 SCENARIOS: dict[str, Callable[[int, int, str, str], None]] = {
     "ddp": scenario_ddp,
     "fsdp": scenario_fsdp,
@@ -207,6 +312,9 @@ SCENARIOS: dict[str, Callable[[int, int, str, str], None]] = {
     "no_hang": scenario_no_hang,
     "mismatch": scenario_mismatch,
     "nan_on_one_rank": scenario_nan_on_one_rank,
+    "lowrank": scenario_lowrank,
+    "lowrank_checkpoint": scenario_lowrank_checkpoint,
+    "lowrank_no_hang": scenario_lowrank_no_hang,
 }
 
 

@@ -105,3 +105,70 @@ def test_nan_in_one_shard_stops_every_rank(tmp_path: Path) -> None:
     results = run("nan_on_one_rank", tmp_path)
     for r in results:
         assert "gradient of parameter 'up.weight'" in r["error"] or "contains NaN" in r["error"]
+
+
+# ------------------------------------------------------------------- low-rank optimizers
+LOWRANK = list(dist_workers.LOWRANK_VARIANTS)
+
+
+def ortho_bytes() -> int:
+    """fp32 bytes of the matrices in the orthogonalized (here: low-rank) groups."""
+    return 4 * sum(
+        p.numel()
+        for name, p in dist_workers.make_model().named_parameters()
+        if p.ndim == 2 and not name.startswith(("embed", "head"))
+    )
+
+
+@pytest.fixture(scope="module")
+def lowrank_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """One spawn for every low-rank variant under DDP and FSDP2 (each spawn costs seconds)."""
+    return run("lowrank", tmp_path_factory.mktemp("lowrank"), ",".join(LOWRANK))
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+@pytest.mark.parametrize("variant", LOWRANK)
+def test_lowrank_matches_single_process_and_splits_work(
+    lowrank_runs: list[dict], variant: str, layout: str
+) -> None:
+    runs = [r[variant][layout] for r in lowrank_runs]
+    reference = dist_workers.reference(variant)
+    for r in runs:
+        assert_close_to(reference, r["params"])
+    # The subspaces (int32 DCT indices, SVD bases) are the same on every rank, bit for bit.
+    for a, b in zip(runs[0]["subspaces"], runs[1]["subspaces"], strict=True):
+        assert torch.equal(a, b)
+    matrices = total_matrices()
+    refreshes = len(range(0, dist_workers.STEPS, 2))  # update_every=2
+    found = [r["stats"]["owned_results"] for r in runs]
+    assert sum(found) == refreshes * matrices
+    assert max(found) - min(found) <= refreshes
+    done = [r["stats"]["matrices_processed"] / dist_workers.STEPS for r in runs]
+    if variant.endswith("-ortho"):
+        assert sum(done) == matrices
+        assert max(done) - min(done) <= 1
+    else:
+        assert sum(done) == 0
+    for r in runs:
+        assert r["stats"]["bytes_sent"] / dist_workers.STEPS <= 2 * ortho_bytes()
+
+
+def test_lowrank_fsdp_checkpoint_resumes_on_one_rank(tmp_path: Path) -> None:
+    """DCP save on 2 ranks (row-sharded and replicated moments, int32 indices), resume on 1."""
+    run("lowrank_checkpoint", tmp_path, ",".join(LOWRANK))
+    for variant in LOWRANK:
+        saved = torch.load(tmp_path / variant / "rank0.pt", weights_only=False)["params"]
+        resumed = dist_workers.resume_single_process(str(tmp_path / variant), variant)
+        assert_close_to(saved, resumed)
+
+
+def test_lowrank_no_hang_plain_and_sharded(tmp_path: Path) -> None:
+    results = run("lowrank_no_hang", tmp_path, ",".join(LOWRANK))
+    for variant in LOWRANK:
+        per_rank = [r[variant] for r in results]
+        assert all(r["plain"]["lonely_moved"] for r in per_rank), variant
+        assert torch.equal(per_rank[0]["plain"]["shared"], per_rank[1]["plain"]["shared"])
+        for r in per_rank:
+            assert all(r["sharded_moved"]) and r["sharded_finite"], variant
+        for a, b in zip(per_rank[0]["sharded"], per_rank[1]["sharded"], strict=True):
+            assert torch.equal(a, b), variant

@@ -37,6 +37,12 @@ the usual independent-coordinates approximation (GaLore itself does not rotate).
 
 Orthogonalized variant: Nesterov momentum on ``R_t``, then the polar factor of the ``r x N``
 momentum by Newton–Schulz (cheap: the small side is ``r``), then ``U_t = P O_t``.
+
+Row shards (FSDP2 holds rows ``a:b`` of ``G``): for a tall weight the projection acts on the
+complete rows, ``(G P)[a:b] = G[a:b] P``, so moments and updates are row-sharded like the weight
+(:func:`project_rows`, :func:`back_project_rows`). For a wide weight it acts on the sharded side:
+``P^T G = sum_s P[rows_s]^T G[rows_s]`` is a sum over the shards (an all-reduce of ``r x n``),
+the moments are replicated, and each rank back-projects its rows, ``(P N)[a:b] = P[a:b] N``.
 """
 
 from __future__ import annotations
@@ -58,9 +64,11 @@ __all__ = [
     "SVD_FINDER",
     "SubspaceFinder",
     "back_project",
+    "back_project_rows",
     "lowrank_shape",
     "orthogonalize_lowrank",
     "project",
+    "project_rows",
     "projected_adam_",
     "resolve_rank",
     "rotate_moments_",
@@ -115,19 +123,44 @@ def back_project(D: Tensor, P: Tensor) -> Tensor:
     return P @ wide(D).to(P.dtype)
 
 
+def project_rows(G_rows: Tensor, P: Tensor, tall: bool) -> Tensor:
+    """This rank's part of the projection of rows ``a:b`` of a gradient (``G_rows``, as a matrix).
+
+    ``tall`` (``m > n``; ``P`` is ``n x r``): ``G[a:b] P``, rows ``a:b`` of the projected
+    gradient, exact. Wide (``P[a:b]`` passed, ``(b - a) x r``): ``P[a:b]^T G[a:b]``, one term of
+    ``P^T G``; summing the terms over the ranks gives the projection.
+    """
+    return G_rows @ P.to(G_rows.dtype) if tall else P.mT.to(G_rows.dtype) @ G_rows
+
+
+def back_project_rows(D: Tensor, P: Tensor, tall: bool) -> Tensor:
+    """Rows ``a:b`` of the update in parameter orientation: ``D[a:b] P^T`` (``tall``, ``D`` the
+    local rows of the ``m x r`` moment) or ``P[a:b] D`` (wide, ``D`` the whole ``r x n``)."""
+    return D.to(P.dtype) @ P.mT if tall else P @ D.to(P.dtype)
+
+
 def rotate_moments_(
-    first: list[Tensor], second: list[Tensor | None], rotations: list[Tensor]
+    first: list[Tensor],
+    second: list[Tensor | None],
+    rotations: list[Tensor],
+    *,
+    tall: list[bool] | None = None,
 ) -> None:
     """Move moments into a new subspace: ``M <- R^T M``, ``V <- (R * R)^T V`` (wide views).
 
     ``second`` entries may be ``None`` (momentum-only state). The squared rotation keeps ``V``
-    nonnegative, which a plain ``R^T V`` would not.
+    nonnegative, which a plain ``R^T V`` would not. ``tall`` gives each moment's orientation
+    (``m x r`` moments of tall weights rotate on the right, ``M <- M R``); by default it is
+    read from the shape, which a row shard of a tall moment (possibly fewer rows than ``r``)
+    does not show.
     """
-    for M, V, R in zip(first, second, rotations, strict=True):
+    if tall is None:
+        tall = [M.shape[-2] > M.shape[-1] for M in first]
+    for M, V, R, is_tall in zip(first, second, rotations, tall, strict=True):
         R = R.to(M.dtype)
-        wide(M).copy_(R.mT @ wide(M))
+        M.copy_(M @ R if is_tall else R.mT @ M)
         if V is not None:
-            wide(V).copy_((R * R).mT @ wide(V))
+            V.copy_(V @ (R * R) if is_tall else (R * R).mT @ V)
 
 
 def projected_adam_(
@@ -184,6 +217,9 @@ class SubspaceFinder:
         projector: ``(subspace, k, like) -> P`` (``k x r``, orthonormal columns, ``like``'s
             dtype and device).
         rotation: ``(old, new) -> R = P_old^T P_new`` (``r x r``).
+        allocate: ``(k, r, like) -> empty subspace`` with the shape, dtype and device ``find``
+            returns; under DDP/FSDP2 one rank finds each subspace and the others receive it into
+            such a buffer (:func:`orthotorch.distributed.map_owned`).
     """
 
     name: str
@@ -191,6 +227,7 @@ class SubspaceFinder:
     find: Callable[[Tensor, int, Mapping[str, Any]], Tensor]
     projector: Callable[[Tensor, int, Tensor], Tensor]
     rotation: Callable[[Tensor, Tensor], Tensor]
+    allocate: Callable[[int, int, Tensor], Tensor] | None = None
 
 
 def _dct_find(X: Tensor, rank: int, options: Mapping[str, Any]) -> Tensor:
@@ -226,6 +263,19 @@ def _svd_rotation(old: Tensor, new: Tensor) -> Tensor:
     return old.mT @ new
 
 
-DCT_FINDER = SubspaceFinder("dct", "indices", _dct_find, _dct_projector, _dct_rotation)
-SVD_FINDER = SubspaceFinder("svd", "projector", _svd_find, _svd_projector, _svd_rotation)
+def _dct_allocate(k: int, rank: int, like: Tensor) -> Tensor:
+    del k
+    return torch.empty(rank, dtype=torch.int32, device=like.device)
+
+
+def _svd_allocate(k: int, rank: int, like: Tensor) -> Tensor:
+    return torch.empty((k, rank), dtype=like.dtype, device=like.device)
+
+
+DCT_FINDER = SubspaceFinder(
+    "dct", "indices", _dct_find, _dct_projector, _dct_rotation, _dct_allocate
+)
+SVD_FINDER = SubspaceFinder(
+    "svd", "projector", _svd_find, _svd_projector, _svd_rotation, _svd_allocate
+)
 SUBSPACE_FINDERS: dict[str, SubspaceFinder] = {f.name: f for f in (DCT_FINDER, SVD_FINDER)}

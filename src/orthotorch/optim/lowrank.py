@@ -2,6 +2,20 @@
 
 Both are thin classes over :mod:`orthotorch.functional.lowrank`; they differ only in the
 :class:`~orthotorch.functional.lowrank.SubspaceFinder` and its options.
+
+Distributed (all communication through :mod:`orthotorch.distributed`):
+
+- **DDP** (replicated parameters): each subspace (DCT scoring + top-k, or the SVD) is found on
+  one owner rank and shared (``map_owned``), so the indices/bases are identical everywhere by
+  construction and the costly SVDs are split over the ranks; with ``orthogonalize=True`` each
+  rank runs Newton–Schulz on its share of the projected momenta (``map_matrices``). The
+  projections and Adam moments are small and computed on every rank.
+- **FSDP2** (``DTensor`` weights sharded by rows): a tall weight (``m > n``) is projected on its
+  columns, which every row shard holds whole: its ``m x r`` moments are row-sharded like the
+  weight and Adam needs no communication. A wide weight is projected on its sharded rows: the
+  projection ``P^T G`` is all-reduced from per-shard terms (``r x n``), its moments are
+  replicated ``DTensor`` objects, and each rank back-projects its own rows. Subspace refreshes
+  gather each gradient whole on its owner only (``all_to_all``), every ``update_every`` steps.
 """
 
 from __future__ import annotations
@@ -13,15 +27,18 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .. import distributed
+from ..distributed import DistributedMode
 from ..functional import Bucket, matrix_shape, nesterov_momentum_, shape_scale
 from ..functional.lowrank import (
     DCT_FINDER,
     SVD_FINDER,
     SubspaceFinder,
     back_project,
+    back_project_rows,
     lowrank_shape,
-    orthogonalize_lowrank,
     project,
+    project_rows,
     projected_adam_,
     resolve_rank,
     rotate_moments_,
@@ -39,12 +56,22 @@ class _Projected(list):
 
     The skeleton passes ``_momentum``'s return value straight to ``_direction``; carrying the
     projectors along saves a second DCT gather per weight, and keeps them out of the state
-    (storing them would undo the memory saving).
+    (storing them would undo the memory saving). The momenta are local tensors (for a wide
+    sharded weight ``projectors`` holds this rank's rows of ``P``); ``shapes`` are the weights'
+    global matrix shapes and ``sharded`` marks the ``DTensor`` weights.
     """
 
-    def __init__(self, momenta: list[Tensor], projectors: list[Tensor]) -> None:
+    def __init__(
+        self,
+        momenta: list[Tensor],
+        projectors: list[Tensor],
+        shapes: list[tuple[int, int]],
+        sharded: list[bool],
+    ) -> None:
         super().__init__(momenta)
         self.projectors = projectors
+        self.shapes = shapes
+        self.sharded = sharded
 
 
 class _LowRankAdamW(OrthogonalOptimizer):
@@ -65,6 +92,7 @@ class _LowRankAdamW(OrthogonalOptimizer):
         adamw_lr: float | None,
         check_finite: bool,
         skip_nonfinite: bool,
+        distributed: DistributedMode,
     ) -> None:
         super().__init__(
             params,
@@ -72,6 +100,7 @@ class _LowRankAdamW(OrthogonalOptimizer):
             adamw_lr=adamw_lr,
             check_finite=check_finite,
             skip_nonfinite=skip_nonfinite,
+            distributed=distributed,
         )
 
     # ------------------------------------------------------------------ validation
@@ -113,82 +142,137 @@ class _LowRankAdamW(OrthogonalOptimizer):
         for p, state in zip(params, states, strict=True):
             if "step" in state:
                 continue
-            shape = lowrank_shape(p.shape, resolve_rank(group["rank"], matrix_shape(p.shape)))
+            m, n = matrix_shape(p.shape)
+            shape = lowrank_shape(p.shape, resolve_rank(group["rank"], (m, n)))
             state["step"] = torch.tensor(0.0)
-            if adam:
-                state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-                state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-            else:
-                state["momentum_buffer"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            # Tall moments (m x r) are row-sharded like a sharded weight, wide ones replicated.
+            names = ("exp_avg", "exp_avg_sq") if adam else ("momentum_buffer",)
+            for name in names:
+                state[name] = distributed.zeros_state(shape, p, rows_sharded=m > n)
 
     def _refresh_subspaces(
         self, group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
         """New subspaces for the parameters whose step count is a multiple of ``update_every``
-        (every parameter at its first step); rotates their moments if asked to."""
+        (every parameter at its first step); rotates their moments if asked to.
+
+        Each subspace is found once, on one rank, from the whole gradient, and shared
+        (:func:`orthotorch.distributed.map_owned`): ranks never disagree on it.
+        """
+        # CPU step counters: no device sync, and equal on every rank.
+        due = [j for j, s in enumerate(states) if int(s["step"]) % group["update_every"] == 0]
+        if not due:
+            return
+        ranks = [resolve_rank(group["rank"], matrix_shape(grads[j].shape)) for j in due]
+        like = [
+            self.finder.allocate(min(matrix_shape(grads[j].shape)), r, distributed.local(grads[j]))
+            for j, r in zip(due, ranks, strict=True)
+        ]
+
+        def find(i: int, G: Tensor) -> Tensor:
+            return self.finder.find(wide(G), ranks[i], group)
+
+        found = distributed.map_owned([grads[j] for j in due], find, like, self.distributed)
         key = self.finder.state_key
-        first, second, rotations = [], [], []
-        for G, state in zip(grads, states, strict=True):
-            # CPU step counter: no device sync.
-            if int(state["step"]) % group["update_every"] != 0:
-                continue
-            X = wide(G.reshape(matrix_shape(G.shape)))
-            rank = resolve_rank(group["rank"], tuple(X.shape))
-            new = self.finder.find(X, rank, group)
+        first, second, rotations, tall = [], [], [], []
+        for j, new in zip(due, found, strict=True):
+            state = states[j]
             old = state.get(key)
             state[key] = new
             if old is not None and group["rotate_moments"]:
                 M = state.get("exp_avg", state.get("momentum_buffer"))
-                first.append(M)
-                second.append(state.get("exp_avg_sq"))
+                V = state.get("exp_avg_sq")
+                first.append(distributed.local(M))
+                second.append(None if V is None else distributed.local(V))
                 rotations.append(self.finder.rotation(old, new))
+                m, n = matrix_shape(grads[j].shape)
+                tall.append(m > n)
         if rotations:
-            rotate_moments_(first, second, rotations)
+            rotate_moments_(first, second, rotations, tall=tall)
+
+    def _project(
+        self, grads: list[Tensor], states: list[dict[str, Any]]
+    ) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int]], list[bool]]:
+        """Projected gradients (local, parameter orientation) and the projectors that made them."""
+        key = self.finder.state_key
+        projected, projectors, shapes, sharded = [], [], [], []
+        partials, partial_of = [], []
+        for G, state in zip(grads, states, strict=True):
+            m, n = matrix_shape(G.shape)
+            G_local = distributed.local(G)
+            P = self.finder.projector(state[key], min(m, n), G_local)
+            if distributed.is_dtensor(G):
+                if m <= n:
+                    start, stop = distributed.row_range(G)
+                    P = P[start:stop]
+                R = project_rows(G_local.reshape(-1, n), P, tall=m > n)
+                if m <= n:
+                    partials.append(R)
+                    partial_of.append(G)
+            else:
+                R = project(G, P)
+            projected.append(R)
+            projectors.append(P)
+            shapes.append((m, n))
+            sharded.append(distributed.is_dtensor(G))
+        distributed.sum_across_shards_(partials, partial_of)
+        return projected, projectors, shapes, sharded
 
     def _momentum(
         self, group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> list[Tensor]:
         self._refresh_subspaces(group, grads, states)
-        key = self.finder.state_key
-        projectors = [
-            self.finder.projector(s[key], min(matrix_shape(G.shape)), G)
-            for s, G in zip(states, grads, strict=True)
-        ]
-        projected = [project(G, P) for G, P in zip(grads, projectors, strict=True)]
+        projected, projectors, shapes, sharded = self._project(grads, states)
         if group["orthogonalize"]:
             for s in states:
                 s["step"] += 1
-            bufs = [s["momentum_buffer"] for s in states]
+            bufs = [distributed.local(s["momentum_buffer"]) for s in states]
             momenta = nesterov_momentum_(projected, bufs, group["momentum"], group["nesterov"])
-            return _Projected(momenta, projectors)
+            return _Projected(momenta, projectors, shapes, sharded)
         beta1, beta2 = group["betas"]
         directions = projected_adam_(
             projected,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
+            [distributed.local(s["exp_avg"]) for s in states],
+            [distributed.local(s["exp_avg_sq"]) for s in states],
             [s["step"] for s in states],
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
         )
-        return _Projected(directions, projectors)
+        return _Projected(directions, projectors, shapes, sharded)
 
     def _direction(
         self, group: dict[str, Any], momenta: list[Tensor], states: list[dict[str, Any]]
     ) -> list[Bucket]:
         assert isinstance(momenta, _Projected), "_direction takes _momentum's return value"
-        projectors = momenta.projectors
+        projected = momenta
+        directions: list[Tensor] = list(projected)
         if group["orthogonalize"]:
             spec, steps, compute = resolve_compute(
                 group["ns_method"], group["ns_steps"], group["ns_dtype"]
             )
-            momenta = orthogonalize_lowrank(momenta, spec, steps, compute)
+
+            def kernel(X: Tensor, transposed: bool) -> Tensor:
+                del transposed
+                return spec.iterate(X, steps)
+
+            # The momenta take the buffers' layout (row-sharded or replicated DTensors under
+            # FSDP2), which tells map_matrices how to split the Newton–Schulz work.
+            wrapped = [
+                distributed.wrap_like(D, s["momentum_buffer"])
+                for D, s in zip(projected, states, strict=True)
+            ]
+            for b in distributed.map_matrices(wrapped, kernel, compute, self.distributed):
+                for i, d in zip(b.index, b.directions(), strict=True):
+                    directions[i] = d
         buckets = []
-        for i, (D, P) in enumerate(zip(momenta, projectors, strict=True)):
-            U = back_project(D, P)  # k x N
-            # Tall weights (and only they) have strictly tall projected moments (r <= k < N).
-            shape = (U.shape[1], U.shape[0]) if D.shape[0] > D.shape[1] else tuple(U.shape)
-            buckets.append(Bucket(shape, [i], U.unsqueeze(0)))
+        for i, (D, P) in enumerate(zip(directions, projected.projectors, strict=True)):
+            shape = projected.shapes[i]
+            if projected.sharded[i]:
+                U = back_project_rows(D, P, tall=shape[0] > shape[1])
+                buckets.append(Bucket(shape, [i], torch.empty(0), local_directions=[U]))
+            else:
+                buckets.append(Bucket(shape, [i], back_project(D, P).unsqueeze(0)))
         return buckets
 
     def _scale(self, group: dict[str, Any], shape: tuple[int, int]) -> float:
@@ -265,6 +349,10 @@ _SHARED_ARGS_DOC = """
         adamw_lr: default ``lr`` of ``"adamw"`` groups that set none (``None``: ``lr``).
         check_finite: raise on NaN/Inf gradients before changing anything (one sync per step).
         skip_nonfinite: skip (and count in state) updates of parameters with NaN/Inf gradients.
+        distributed: ``"auto"`` (default): under DDP each subspace search and each
+            orthogonalization runs on one rank and is shared; ``DTensor`` weights (FSDP2) are
+            handled shard-wise (see the module docstring). ``"off"``: every rank does all the
+            work for plain tensors.
 """
 
 
@@ -323,6 +411,7 @@ class DCTAdamW(_LowRankAdamW):
         adamw_lr: float | None = None,
         check_finite: bool = True,
         skip_nonfinite: bool = False,
+        distributed: DistributedMode = "auto",
     ) -> None:
         defaults = dict(
             lr=lr, rank=rank, update_every=update_every, scale=scale,
@@ -336,6 +425,7 @@ class DCTAdamW(_LowRankAdamW):
             adamw_lr=adamw_lr,
             check_finite=check_finite,
             skip_nonfinite=skip_nonfinite,
+            distributed=distributed,
         )
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
@@ -394,6 +484,7 @@ class GaLoreAdamW(_LowRankAdamW):
         adamw_lr: float | None = None,
         check_finite: bool = True,
         skip_nonfinite: bool = False,
+        distributed: DistributedMode = "auto",
     ) -> None:
         defaults = dict(
             lr=lr, rank=rank, update_every=update_every, scale=scale,
@@ -407,6 +498,7 @@ class GaLoreAdamW(_LowRankAdamW):
             adamw_lr=adamw_lr,
             check_finite=check_finite,
             skip_nonfinite=skip_nonfinite,
+            distributed=distributed,
         )
 
 
