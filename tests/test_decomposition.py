@@ -340,3 +340,12 @@ def test_bad_input_raises_and_modifies_nothing() -> None:
         est.partial_fit(bad)
     assert np.array_equal(est.components_, before)
     assert np.array_equal(Y, np.random.default_rng(0).standard_normal((20, 6)))
+
+
+def test_gradient_overflow_is_a_clear_error_not_nan() -> None:
+    """Finite float32 data whose cubed codes overflow must not become a NaN dictionary."""
+    Y = torch.full((4, 3), 1e13, dtype=torch.float32)
+    est = Est()
+    with pytest.raises(ValueError, match=r"gradient overflowed in torch\.float32; scale X"):
+        est.fit(Y)
+    assert not hasattr(est, "components_")

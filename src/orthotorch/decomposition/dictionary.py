@@ -481,6 +481,13 @@ class OnlineOrthogonalDictionaryLearning(
 
     def _step(self, W: Tensor, G: Tensor | None, batch: Tensor, s: int | None):
         f, grad = objective_gradient(W, batch, self.objective, s)
+        if not bool(torch.isfinite(grad).all()):
+            # Finite data can still overflow: the l4 gradient is cubic in X (float32 overflows
+            # near |x W^T| ~ 1e12). Fail here, before the dictionary takes a NaN step.
+            raise ValueError(
+                f"the {self.objective} gradient overflowed in {batch.dtype}; scale X down "
+                "(e.g. to unit variance) or pass float64 data"
+            )
         rho = averaging_weight(self.n_steps_, self.forget_factor)
         G = grad if G is None or rho == 0 else rho * G + (1 - rho) * grad
         return frank_wolfe_step(W, G, self.step_size, self.polar_method), G, f
