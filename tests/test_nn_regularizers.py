@@ -195,6 +195,7 @@ def test_penalty_walks_matrix_weights_and_batches_them() -> None:
     assert list(penalty.parameters()) == []
     with_emb = OrthogonalityPenalty(net, embeddings=True, include=["emb.weight", "fc1.weight"])
     assert with_emb.names == ["emb.weight", "fc1.weight"]
+    assert OrthogonalityPenalty(net, include="fc2.weight").names == ["fc2.weight"]
     only_conv = OrthogonalityPenalty(net, include=lambda name, p: p.ndim == 4)
     assert only_conv.names == ["conv.weight"]
 

@@ -130,9 +130,10 @@ def spectral_restricted_isometry(W: Tensor, n_iter: int = 2, u: Tensor | None = 
     isometry constant of ``W``), estimated with two power iterations from a random vector. Here
     ``n_iter`` iterations of ``v <- A v / ||A v||`` with ``A = W W^T - I`` run without gradient;
     the value is ``||A v||`` for the last iterate ``v``, differentiable in ``W`` (``v`` is held
-    fixed), which gives the exact gradient ``u v^T``-style term once ``v`` has converged.
-    ``A`` is symmetric, so power iteration finds the eigenvalue of largest magnitude, i.e. the
-    spectral norm, from either end of the spectrum.
+    fixed). Once ``v`` has converged to the top eigenvector this is the exact gradient of
+    ``sigma_max``, ``2 sign(lambda) v v^T W`` (wide case), because moving ``v`` does not change
+    ``||A v||`` to first order. ``A`` is symmetric, so power iteration finds the eigenvalue of
+    largest magnitude, i.e. the spectral norm, from either end of the spectrum.
 
     Warm starts: pass ``u`` (shape ``(..., k)``, ``k = min(m, n)``, ``W``'s device) and it is
     used as the starting vector and **overwritten in place** with the final iterate, the way
@@ -300,7 +301,7 @@ class OrthogonalityPenalty(nn.Module):
             if callable(include):
                 found = [(n, p) for n, p in found if include(n, p)]
             else:
-                wanted = list(include)
+                wanted = [include] if isinstance(include, str) else list(include)
                 names = {n for n, _ in found}
                 missing = [n for n in wanted if n not in names]
                 if missing:
