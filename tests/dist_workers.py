@@ -302,6 +302,14 @@ def scenario_lowrank_no_hang(rank: int, world: int, out: str, names: str) -> Non
             "sharded_finite": all(bool(a.isfinite().all()) for a in after),
             "sharded": after,
         }
+    from torch.distributed.tensor import Replicate
+
+    replicated = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Replicate()]))
+    try:
+        optimizer_class(names.split(",")[0])[0]([replicated])
+        results["layout_error"] = ""
+    except ValueError as err:
+        results["layout_error"] = str(err)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 

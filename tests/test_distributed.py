@@ -166,9 +166,17 @@ def test_lowrank_no_hang_plain_and_sharded(tmp_path: Path) -> None:
     results = run("lowrank_no_hang", tmp_path, ",".join(LOWRANK))
     for variant in LOWRANK:
         per_rank = [r[variant] for r in results]
-        assert all(r["plain"]["lonely_moved"] for r in per_rank), variant
+        # Where the gradient is missing it counts as zero: Adam variants then leave the weight
+        # there (their moments are per rank), orthogonalized ones take the owner's result.
+        assert per_rank[0]["plain"]["lonely_moved"], variant
         assert torch.equal(per_rank[0]["plain"]["shared"], per_rank[1]["plain"]["shared"])
         for r in per_rank:
             assert all(r["sharded_moved"]) and r["sharded_finite"], variant
         for a, b in zip(per_rank[0]["sharded"], per_rank[1]["sharded"], strict=True):
             assert torch.equal(a, b), variant
+    # An unsupported DTensor layout is refused when the optimizer is built, naming the weight.
+    for r in results:
+        assert (
+            "parameter params[0]: it is a DTensor with placements (Replicate()"
+            in (r["layout_error"])
+        )

@@ -65,6 +65,7 @@ __all__ = [
     "replicated_world",
     "row_range",
     "sum_across_shards_",
+    "unsupported_layout",
     "wrap_like",
     "zeros_state",
 ]
@@ -105,6 +106,17 @@ def _is_row_sharded(t: Tensor) -> bool:
 
 def _is_replicated_dtensor(t: Tensor) -> bool:
     return is_dtensor(t) and t.device_mesh.ndim == 1 and t.placements[0] == Replicate()
+
+
+def unsupported_layout(t: Tensor) -> str | None:
+    """Why the sharded paths cannot handle parameter ``t`` (``None``: plain, or ``Shard(0)``
+    over a 1-D mesh, FSDP2's default); for a clear error at optimizer construction."""
+    if not is_dtensor(t) or _is_row_sharded(t):
+        return None
+    return (
+        f"it is a DTensor with placements {tuple(t.placements)} over a {t.device_mesh.ndim}-D "
+        "mesh; only Shard(0) over a 1-D mesh (FSDP2's default fully_shard) is supported"
+    )
 
 
 def row_range(t: Tensor) -> tuple[int, int]:
