@@ -19,8 +19,13 @@ from orthotorch.functional.aro import (
     aro_kernel,
     aro_reference,
     pack,
+    packed_cols,
+    param_cols,
+    rotation_from_rows,
+    rotation_layout,
+    rotation_to_rows,
     sinkhorn_normalize,
-    unpack,
+    sinkhorn_scalings,
 )
 
 
@@ -39,19 +44,79 @@ def test_sinkhorn_normalises_rows_and_columns_and_is_sign_equivariant() -> None:
     assert torch.equal(sinkhorn_normalize(torch.zeros(3, 4)), torch.zeros(3, 4))
 
 
-def test_kernel_matches_reference_and_rotation_is_orthogonal() -> None:
+def test_sinkhorn_matches_alternating_normalisation_without_eps() -> None:
+    """The scaling-vector form equals rescaling the whole matrix pass after pass (eps = 0)."""
+    gen = torch.Generator().manual_seed(1)
+    Y = torch.randn(3, 7, 11, generator=gen, dtype=torch.float64) * torch.rand(3, 7, 1)
+    X = Y / Y.square().mean((-2, -1), keepdim=True).sqrt()
+    for _ in range(4):
+        X = X / X.square().mean(-1, keepdim=True).sqrt()
+        X = X / X.square().mean(-2, keepdim=True).sqrt()
+    assert torch.allclose(sinkhorn_normalize(Y, 4, eps=0.0), X, atol=1e-12)
+    Ya, r, c = sinkhorn_scalings(Y, 4, eps=0.0)
+    assert r.shape == (3, 7, 1) and c.shape == (3, 1, 11)
+    assert torch.allclose(r * Ya * c, X, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_sinkhorn_and_kernel_stay_finite_on_huge_and_tiny_input(scale: float) -> None:
+    Y = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    F = sinkhorn_normalize(Y * scale)
+    assert torch.allclose(F, sinkhorn_normalize(Y), rtol=1e-4, atol=1e-5)
+    P = pack(Y * scale, torch.zeros(rotation_layout((4, 6))))
+    out = aro_kernel(P)
+    assert torch.allclose(out, aro_kernel(pack(Y, torch.zeros(4, 4))), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (12, 5), (7, 7), (20, 16), (48, 16), (1, 6), (6, 1)])
+def test_rotation_row_layout_round_trips(shape: tuple[int, int]) -> None:
+    k = min(shape)
+    R = torch.linalg.qr(torch.randn(k, k, generator=torch.Generator().manual_seed(0)))[0]
+    S = rotation_to_rows(R, shape[0])
+    assert S.shape == rotation_layout(shape) and S.shape[1] <= shape[1]
+    assert torch.equal(rotation_from_rows(S, k), R)
+    assert S.reshape(-1)[k * k :].eq(0).all()  # padding only
+    assert param_cols(shape[0], packed_cols(shape)) == shape[1]
+    # Zeros (how the state starts, also as a sharded DTensor) stand for R_0 = I.
+    assert torch.equal(rotation_from_rows(torch.zeros(rotation_layout(shape)), k), torch.eye(k))
+    if shape[0] <= shape[1]:
+        assert torch.equal(S, R)  # wide and square: the row layout is R itself
+
+
+def test_param_cols_rejects_a_width_no_shape_packs_to() -> None:
+    # 4 x 7 would be a 4 x 3 or 4 x 4 parameter: 3 + ceil(9/4) = 6, 4 + 4 = 8.
+    with pytest.raises(ValueError, match="4 x 7 is not a packed ARO matrix"):
+        param_cols(4, 7)
+
+
+@pytest.mark.parametrize("device_loop", [True, False])
+def test_kernel_matches_reference_and_rotation_is_orthogonal(device_loop: bool) -> None:
+    """The packed kernel (CPU loop and batched path) equals the readable float64 reference,
+    for tall and wide matrices, from a given rotation and from the zero (identity) state."""
     gen = torch.Generator().manual_seed(0)
-    M = [torch.randn(12, 5, generator=gen), torch.randn(5, 12, generator=gen)]  # tall, wide
-    R = torch.linalg.qr(torch.randn(5, 5, generator=gen))[0]
-    packed = torch.stack([pack(m, R) for m in M])
-    D, R_new = unpack(aro_kernel(packed, iters=5))
-    for j, m in enumerate(M):
-        wide = m.T if m.shape[0] > m.shape[1] else m
-        D_ref, R_ref = aro_reference(wide, R)
-        assert torch.allclose(D[j].double(), D_ref, atol=1e-4)
-        assert torch.allclose(R_new[j].double(), R_ref, atol=1e-4)
-        eye = torch.eye(5, dtype=torch.float64)
-        assert torch.allclose(R_new[j].double().T @ R_new[j].double(), eye, atol=1e-5)
+    for shape in [(12, 5), (5, 12), (20, 16)]:
+        M = torch.randn(3, *shape, generator=gen)
+        k, tall = min(shape), shape[0] > shape[1]
+        R = torch.linalg.qr(torch.randn(3, k, k, generator=gen))[0]
+        for start in (R, torch.zeros(3, k, k)):
+            P = torch.stack([pack(M[j], rotation_to_rows(start[j], shape[0])) for j in range(3)])
+            transposed = P.shape[-2] > P.shape[-1]
+            X = P.mT if transposed else P
+            if device_loop:
+                Y = aro_kernel(X, transposed)
+            else:  # the accelerator path, batched over the stack, run here on each 2-D entry
+                Y = torch.stack([aro_kernel(x, transposed) for x in X.unbind(0)])
+            assert Y.shape == X.shape
+            Y = Y.mT if transposed else Y
+            for j in range(3):
+                wide = M[j].T if tall else M[j]
+                D_ref, R_ref = aro_reference(wide, start[j] if start is R else torch.eye(k))
+                D = Y[j, :, : shape[1]]
+                R_new = rotation_from_rows(Y[j, :, shape[1] :], k).double()
+                assert torch.allclose((D.T if tall else D).double(), D_ref, atol=1e-4)
+                assert torch.allclose(R_new, R_ref, atol=1e-4)
+                eye = torch.eye(k, dtype=torch.float64)
+                assert torch.allclose(R_new.T @ R_new, eye, atol=1e-5)
 
 
 def test_step_is_rms_matched_and_state_holds_rotation() -> None:
@@ -63,8 +128,8 @@ def test_step_is_rms_matched_and_state_holds_rotation() -> None:
     opt.step()
     rms = (W.detach() - before).square().mean().sqrt().item()
     assert abs(rms - 0.1 * 0.2) < 1e-5  # lr * rms_scale: AdamW-like update size
-    R = opt.state[W]["rotation"]
-    assert R.shape == (16, 16)
+    assert opt.state[W]["rotation"].shape == rotation_layout((48, 16)) == (48, 6)
+    R = rotation_from_rows(opt.state[W]["rotation"], 16)
     assert torch.allclose(R.T @ R, torch.eye(16), atol=1e-5)
     # The first step with R_0 = I equals the readable reference on the transposed momentum.
     M = opt.state[W]["momentum_buffer"]

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import distributed as dist
 from ..functional import Bucket, matrix_shape
-from ..functional.aro import RMS_SCALE, aro_kernel, pack, unpack
+from ..functional.aro import RMS_SCALE, aro_kernel, pack, rotation_layout
 from ._base import OrthogonalOptimizer, check_range
 
 __all__ = ["ARO"]
@@ -33,15 +33,22 @@ class ARO(OrthogonalOptimizer):
     rounds), so the update has RMS 1 and ``s = rms_scale = 0.2`` matches AdamW's update RMS:
     AdamW's learning rate and weight decay carry over. The rotation ``R`` (``k x k``, ``k`` the
     smaller side of the matrix; tall weights are rotated on the right) is per-matrix state,
-    stored in the parameter's dtype and refreshed from the momentum every step. Weights with
-    more than two dimensions are handled as ``(shape[0], prod(shape[1:]))`` matrices. The math
-    is in :mod:`orthotorch.functional.aro`.
+    refreshed from the momentum every step, computed in float32 (float64 for float64
+    parameters) and stored in the parameter's dtype under ``state["rotation"]`` in *row layout*:
+    ``R``'s entries row-major and zero-padded as a ``(rows, ceil(k^2 / rows))`` matrix, which is
+    ``R`` itself for wide and square weights (:func:`~orthotorch.functional.aro.rotation_from_rows`
+    recovers it; zeros stand for ``R_0 = I``). Weights with more than two dimensions are
+    handled as ``(shape[0], prod(shape[1:]))`` matrices. The math is in
+    :mod:`orthotorch.functional.aro`.
 
     Distribution: the rotation travels with the momentum through
-    :func:`orthotorch.distributed.map_matrices` (packed as ``[M | R]``), so under DDP each rank
-    computes a share of the matrices and every rank receives every new rotation: the
-    replicated state stays identical. FSDP2 (``DTensor``) parameters are not supported (the
-    rotation would need a sharded layout of its own) and are rejected at construction.
+    :func:`orthotorch.distributed.map_matrices`, packed beside it as ``[M | R_rows]``, so each
+    matrix's kernel runs on one owner rank. Under DDP every rank receives every new rotation
+    (the replicated state stays identical); under FSDP2 (``DTensor`` parameters sharded on dim
+    0) the rotation is a ``DTensor`` sharded like the parameter's rows, the owner assembles the
+    whole ``[M | R]`` and each rank gets back its rows of the direction and of the new rotation.
+    The row layout is the same with and without sharding, so ``torch.distributed.checkpoint``
+    state reshards across world sizes.
 
     Reference: "ARO: adaptively rotated optimization"; Scetbon et al., "Gradient
     Multi-Normalization for Stateless and Scalable LLM Training" (2025) for ``f``.
@@ -108,13 +115,6 @@ class ARO(OrthogonalOptimizer):
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ValueError(f"{label}: sinkhorn_iters must be a positive int, got {iters!r}")
         check_range(label, "rms_scale", group["rms_scale"], 0.0, float("inf"), lo_open=True)
-        for i, p in enumerate(group["params"]):
-            if dist.is_dtensor(p):
-                raise ValueError(
-                    f"{label}: parameter {self._param_label(group, i)} is a DTensor (FSDP2); "
-                    "ARO keeps a rotation per whole matrix and supports plain or DDP-replicated "
-                    "parameters only. Use Muon for FSDP2, or put it in an 'adamw' group."
-                )
 
     def _init_state(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
@@ -122,8 +122,11 @@ class ARO(OrthogonalOptimizer):
         for p, state in zip(params, states, strict=True):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                k = min(matrix_shape(p.shape))
-                state["rotation"] = torch.eye(k, dtype=p.dtype, device=p.device)
+                rows, c = rotation_layout(matrix_shape(p.shape))
+                # Zeros mean R_0 = I. A slice of the parameter as the template makes the
+                # rotation a DTensor with the parameter's row sharding under FSDP2, created
+                # without communication (c <= cols always).
+                state["rotation"] = torch.zeros_like(p.detach().reshape(rows, -1)[:, :c])
 
     def _momentum(
         self, group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
@@ -140,20 +143,22 @@ class ARO(OrthogonalOptimizer):
         rotations = [s["rotation"] for s in states]
         packed = [pack(M, R.to(compute)) for M, R in zip(momenta, rotations, strict=True)]
         kernel = partial(aro_kernel, iters=group["sinkhorn_iters"])
-        results: list[Tensor] = [None] * len(momenta)  # type: ignore[list-item]
+        # Every rank gets back its (local) rows of every [D | R_t]: store the rotation rows,
+        # and regroup the direction views by parameter shape for the shared apply step, which
+        # takes them as they are (no stacking copy).
+        by_shape: dict[tuple[int, int], tuple[list[int], list[Tensor]]] = defaultdict(
+            lambda: ([], [])
+        )
         for b in dist.map_matrices(packed, kernel, compute, self.distributed):
-            for i, y in zip(b.index, b.X.unbind(0), strict=True):
-                results[i] = y
-        # Every rank now holds every new rotation (map_matrices gathered them): store them, and
-        # regroup the directions by parameter shape for the shared apply step.
-        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, (M, R, y) in enumerate(zip(momenta, rotations, results, strict=True)):
-            _, R_new = unpack(y)
-            R.copy_(R_new)
-            by_shape[matrix_shape(M.shape)].append(i)
+            for i, y in zip(b.index, b.directions(), strict=True):
+                shape = matrix_shape(momenta[i].shape)
+                dist.local(rotations[i]).copy_(y[:, shape[1] :])
+                index, directions = by_shape[shape]
+                index.append(i)
+                directions.append(y[:, : shape[1]])
         return [
-            Bucket(shape, index, torch.stack([unpack(results[i])[0] for i in index]))
-            for shape, index in by_shape.items()
+            Bucket(shape, index, X=torch.empty(0), local_directions=directions)
+            for shape, (index, directions) in by_shape.items()
         ]
 
     def _scale(self, group: dict[str, Any], shape: tuple[int, int]) -> float:
