@@ -172,9 +172,9 @@ def task(name: str, Y: np.ndarray, repeats: int) -> dict[str, float]:
             errors[f"{label} (OMP at k)"].append(
                 rel_error(test, mb.transform(test) @ mb.components_)
             )
-    print(f"{'method':<28}" + "".join(f"{'k=' + str(k):>9}" for k in KS))
+    print(f"{'method':<36}" + "".join(f"{'k=' + str(k):>9}" for k in KS))
     for label, errs in errors.items():
-        print(f"{label:<28}" + "".join(f"{e:>9.4f}" for e in errs))
+        print(f"{label:<36}" + "".join(f"{e:>9.4f}" for e in errs))
     med = {label: statistics.median(t) for label, t in fits.items()}
     print("fit time, median s: " + ", ".join(f"{a} {b:.3f}" for a, b in med.items()))
     t_ours = max(t for label, t in med.items() if label.startswith("ours"))
