@@ -1,6 +1,9 @@
 """orthotorch: orthogonalized optimizers and orthogonality tools for PyTorch."""
 
-from . import functional, linalg
+import importlib
+from types import ModuleType
+
+from . import functional, linalg, merge, metrics
 from ._version import __version__
 from .optim import (
     ARO,
@@ -26,9 +29,20 @@ __all__ = [
     "NonFiniteGradientError",
     "OrthogonalOptimizer",
     "__version__",
+    "decomposition",
     "describe",
     "functional",
     "linalg",
+    "merge",
+    "metrics",
     "param_groups",
     "route_parameters",
 ]
+
+
+def __getattr__(name: str) -> ModuleType:
+    # ``decomposition`` needs scikit-learn (the ``orthotorch[sklearn]`` extra); importing it
+    # lazily keeps ``import orthotorch`` working on a torch-only install.
+    if name == "decomposition":
+        return importlib.import_module(f"{__name__}.decomposition")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
