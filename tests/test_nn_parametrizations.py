@@ -193,7 +193,7 @@ def test_functional_gradcheck() -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape", [*SHAPES, (12, 4), (3, 13)], ids=shape_id)
 def test_registration_starts_at_qr_factor(method: str, shape: tuple[int, int]) -> None:
     m, n = shape
     layer = nn.Linear(n, m, bias=False).double()
@@ -207,7 +207,7 @@ def test_registration_starts_at_qr_factor(method: str, shape: tuple[int, int]) -
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape", [*SHAPES, (12, 4), (3, 13)], ids=shape_id)
 def test_right_inverse_round_trip(method: str, shape: tuple[int, int]) -> None:
     m, n = shape
     layer = parametrized_linear(m, n, method, F64)
