@@ -3,7 +3,14 @@
 One process, interleaved rounds (these machines are noisy), 3 warm-up steps, median of the
 rest, reported as ratios. Targets (issue 7): SPECTRA overhead <= 1.5x AdamW; ARO <= 1.5x Muon.
 
-    python benchmarks/spectra_aro.py [--repeats 10] [--device cpu] [--layers 4]
+SPECTRA rows: the default ``route="auto"`` (``eigh`` of the small-side Gram matrix on a CPU,
+matmul-only Gram Newton–Schulz elsewhere), each explicit route (``polar`` on ``[X, cI]`` was
+the only one before), and the default with the embedding and head left to plain AdamW
+(``"clip": None`` on their group). A breakdown times the clip kernel alone per reference shape
+(batched as SPECTRA batches it), so that the wrapper's own cost (copy of X_k, recovery of U,
+re-application) is the rest.
+
+    python benchmarks/spectra_aro.py [--repeats 10] [--device cpu] [--layers 4] [--only spectra]
 """
 
 from __future__ import annotations
@@ -18,17 +25,26 @@ import orthotorch
 from orthotorch.bench import reference
 from orthotorch.bench.reference import reference_named_parameters, set_random_gradients
 
+
+def _spectra(hidden, adamw, route: str, hidden_only: bool = False) -> orthotorch.SPECTRA:
+    groups = [{"params": [p for _, p in hidden]}, {"params": [p for _, p in adamw]}]
+    if hidden_only:
+        groups[1]["clip"] = None
+    base = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    return orthotorch.SPECTRA(base, clip=10.0, route=route)
+
+
 BUILDERS = {
     "torch.optim.AdamW": lambda hidden, adamw: torch.optim.AdamW(
         [p for _, p in hidden + adamw], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1
     ),
-    # The post-clip on every matrix the base updates: hidden matrices, embedding and head.
-    "SPECTRA(AdamW)": lambda hidden, adamw: orthotorch.SPECTRA(
-        torch.optim.AdamW(
-            [p for _, p in hidden + adamw], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1
-        ),
-        clip=10.0,
-    ),
+    # The post-clip on every matrix the base updates: hidden matrices, embedding and head (as
+    # the paper's code does with its default apply_to="2d").
+    "SPECTRA(AdamW)": lambda hidden, adamw: _spectra(hidden, adamw, "auto"),
+    "SPECTRA gram": lambda hidden, adamw: _spectra(hidden, adamw, "gram"),
+    "SPECTRA eigh": lambda hidden, adamw: _spectra(hidden, adamw, "eigh"),
+    "SPECTRA polar": lambda hidden, adamw: _spectra(hidden, adamw, "polar"),
+    "SPECTRA hidden only": lambda hidden, adamw: _spectra(hidden, adamw, "auto", hidden_only=True),
     "orthotorch.Muon": lambda hidden, adamw: orthotorch.Muon(
         [{"params": hidden}, {"params": adamw, "algorithm": "adamw"}], lr=0.02, adamw_lr=1e-3
     ),
@@ -38,8 +54,46 @@ BUILDERS = {
 }
 TARGETS = (
     ("SPECTRA(AdamW)", "torch.optim.AdamW", 1.5),
+    ("SPECTRA hidden only", "torch.optim.AdamW", 1.5),
     ("orthotorch.ARO", "orthotorch.Muon", 1.5),
 )
+GROUPS = {
+    "spectra": ("torch.optim.AdamW", "SPECTRA"),
+    "aro": ("orthotorch.Muon", "orthotorch.ARO"),
+}
+
+
+def kernel_breakdown(device: str, repeats: int, sync) -> None:
+    """Median time of the clip alone on each reference shape, stacked as SPECTRA stacks it."""
+    from orthotorch.linalg.spectral import spectral_clip_kernel
+
+    hidden, adamw = reference_named_parameters(0, device)
+    shapes: dict[tuple[int, int], int] = {}
+    for _, p in hidden + adamw:
+        if p.ndim == 2:
+            wide = (min(p.shape), max(p.shape))
+            shapes[wide] = shapes.get(wide, 0) + 1
+    routes = ("gram", "eigh", "polar")
+    print("clip kernel alone (ms, median of", max(1, repeats // 3), "):", " ".join(routes))
+    total = dict.fromkeys(routes, 0.0)
+    for (m, n), count in shapes.items():
+        X = torch.randn(count, m, n, device=device)
+        row = []
+        for route in routes:
+            kernel, _ = spectral_clip_kernel(10.0, route=route)
+            kernel(X, False)
+            t = []
+            for _ in range(max(1, repeats // 3)):
+                sync()
+                start = time.perf_counter()
+                kernel(X, False)
+                sync()
+                t.append(time.perf_counter() - start)
+            row.append(statistics.median(t))
+            total[route] += row[-1]
+        cells = " ".join(f"{v * 1e3:8.1f}" for v in row)
+        print(f"  {count:2d} x {m}x{n:<5d} {cells}")
+    print("  total        " + " ".join(f"{total[r] * 1e3:8.1f}" for r in routes))
 
 
 def main() -> None:
@@ -49,12 +103,20 @@ def main() -> None:
     parser.add_argument(
         "--layers", type=int, default=reference.LAYERS, help="transformer layers (default 4)"
     )
+    parser.add_argument(
+        "--only", choices=sorted(GROUPS), default=None, help="time only these rows (and baseline)"
+    )
     args = parser.parse_args()
     reference.LAYERS = args.layers  # fewer layers for a quick look on a busy CPU
+    builders = {
+        name: build
+        for name, build in BUILDERS.items()
+        if args.only is None or name.startswith(GROUPS[args.only])
+    }
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     runs = {}
-    for name, build in BUILDERS.items():
+    for name, build in builders.items():
         hidden, adamw = reference_named_parameters(0, args.device)
         params = [p for _, p in hidden + adamw]
         runs[name] = (build(hidden, adamw), params)
@@ -74,10 +136,17 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, t in median.items():
         print(f"{name:20s} {t * 1e3:10.1f} ms")
+    for name, t in median.items():
+        if name.startswith("SPECTRA") and "torch.optim.AdamW" in median:
+            print(f"{name} / torch.optim.AdamW: {t / median['torch.optim.AdamW']:.2f}x")
     for row, base, target in TARGETS:
+        if row not in median or base not in median:
+            continue
         ratio = median[row] / median[base]
         verdict = "meets" if ratio <= target else "misses"
         print(f"{row} / {base}: {ratio:.2f}x ({verdict} target <= {target}x)")
+    if args.only in (None, "spectra"):
+        kernel_breakdown(args.device, args.repeats, sync)
 
 
 if __name__ == "__main__":
