@@ -248,3 +248,48 @@ def test_ddp_matches_single_process_and_rotations_agree(tmp_path) -> None:
         assert torch.equal(a, b)
     # The work was split: 3 matrices per step over 2 ranks.
     assert sorted(out["processed"] for out in ranks) == [STEPS * 1, STEPS * 2]
+
+
+# ----------------------------------------------------------------------------- rotation_every
+def test_rotation_every_keeps_the_rotation_between_refreshes() -> None:
+    """With rotation_every=3 the rotation changes at steps 1 and 4 only, and the steps in
+    between are R f(R^T M) with the kept R (the float64 reference's f, rotation unchanged)."""
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(10, 24, dtype=torch.float64))
+    opt = orthotorch.ARO([W], lr=0.1, weight_decay=0.0, rotation_every=3)
+    seen = []
+    for step in range(5):
+        before = W.detach().clone()
+        W.grad = torch.randn(10, 24, dtype=torch.float64)
+        R_prev = rotation_from_rows(opt.state[W]["rotation"], 10) if step else torch.eye(10)
+        opt.step()
+        R = opt.state[W]["rotation"].clone()
+        seen.append(R)
+        if step % 3:
+            M = opt.state[W]["momentum_buffer"]
+            D = R_prev @ sinkhorn_normalize(R_prev.T @ M)
+            assert torch.allclose(before - W.detach(), 0.1 * 0.2 * D, atol=1e-12)
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
+    assert not torch.allclose(seen[2], seen[3])
+    assert torch.equal(seen[3], seen[4])
+    assert opt.state[W]["step"] == 5
+
+
+def test_rotation_every_one_is_the_default_algorithm() -> None:
+    torch.manual_seed(0)
+    W1 = nn.Parameter(torch.randn(12, 8))
+    W2 = nn.Parameter(W1.detach().clone())
+    a = orthotorch.ARO([W1], lr=0.05)
+    b = orthotorch.ARO([W2], lr=0.05, rotation_every=1)
+    for _ in range(3):
+        g = torch.randn(12, 8)
+        W1.grad, W2.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    assert torch.equal(W1, W2)
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, True])
+def test_rotation_every_must_be_a_positive_int(bad) -> None:
+    with pytest.raises(ValueError, match=rf"rotation_every must be a positive int, got {bad!r}"):
+        orthotorch.ARO([nn.Parameter(torch.randn(4, 4))], rotation_every=bad)

@@ -197,11 +197,15 @@ def pack(M: Tensor, R_rows: Tensor) -> Tensor:
     return torch.cat([M.to(R_rows.dtype), R_rows], dim=-1)
 
 
-def aro_kernel(X: Tensor, transposed: bool = False, *, iters: int = 5) -> Tensor:
+def aro_kernel(
+    X: Tensor, transposed: bool = False, *, iters: int = 5, refresh: bool = True
+) -> Tensor:
     """The map_matrices kernel: ``[M | R_{t-1}] -> [R_t f(R_t^T M) | R_t]``, batched.
 
     ``X`` is a stack of packed matrices (:func:`pack`) in map_matrices' wide orientation
-    (``transposed``: stored as ``P^T``); the result has the same layout.
+    (``transposed``: stored as ``P^T``); the result has the same layout. ``refresh=False``
+    keeps ``R_t = R_{t-1}`` (no QR, half the matrix products): the optimizer's
+    ``rotation_every > 1`` approximation.
     """
     P = X.mT if transposed else X
     cols = param_cols(P.shape[-2], P.shape[-1])
@@ -210,13 +214,13 @@ def aro_kernel(X: Tensor, transposed: bool = False, *, iters: int = 5) -> Tensor
         # On CPU a loop beats batching: 2-D GEMMs are ~20% faster than bmm (as in
         # newton_schulz), and one matrix's temporaries stay in cache for the elementwise passes.
         for i in range(P.shape[0]):
-            _aro_packed(P[i], out[i], cols, iters)
+            _aro_packed(P[i], out[i], cols, iters, refresh)
     else:
-        _aro_packed(P, out, cols, iters)
+        _aro_packed(P, out, cols, iters, refresh)
     return out.mT if transposed else out
 
 
-def _aro_packed(P: Tensor, out: Tensor, cols: int, iters: int) -> None:
+def _aro_packed(P: Tensor, out: Tensor, cols: int, iters: int, refresh: bool) -> None:
     """Write ``[R_t f(R_t^T M) | R_t rows]`` of the packed ``P`` (parameter orientation) to
     ``out``."""
     rows = P.shape[-2]
@@ -224,7 +228,9 @@ def _aro_packed(P: Tensor, out: Tensor, cols: int, iters: int) -> None:
     tall = rows > cols
     M = P[..., :cols]
     M = M.mT if tall else M  # the rotation acts on the smaller side
-    R = rotation_update(M, rotation_from_rows(P[..., cols:], k), iters)
+    R = rotation_from_rows(P[..., cols:], k)
+    if refresh:
+        R = rotation_update(M, R, iters)
     Ya, r, c = sinkhorn_scalings(R.mT @ M, iters)
     # R f(Y) = (R diag(r)) Y_a diag(c); the last scaling writes straight into the packed output.
     D = out[..., :cols]

@@ -61,6 +61,11 @@ class ARO(OrthogonalOptimizer):
         momentum: ``beta`` (default ``0.95``).
         sinkhorn_iters: rounds of row/column normalisation in ``f`` (default 5).
         rms_scale: ``s`` (default 0.2).
+        rotation_every: refresh the rotation every this many steps (default 1: every step,
+            the published algorithm). In between, ``R_t = R_{t-1}``, which skips the QR and
+            half of the matrix products; an approximation in the spirit of Shampoo/SOAP's
+            preconditioner frequency (the cost and quality trade-off is in
+            ``benchmarks/spectra_aro.py`` and the report of issue 7).
         betas, eps: AdamW hyperparameters of ``"adamw"`` groups.
         adamw_lr: default ``lr`` of ``"adamw"`` groups that set none (``None``: ``lr``).
         check_finite: raise on NaN/Inf gradients before changing anything.
@@ -83,6 +88,7 @@ class ARO(OrthogonalOptimizer):
         momentum: float = 0.95,
         sinkhorn_iters: int = 5,
         rms_scale: float = RMS_SCALE,
+        rotation_every: int = 1,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         *,
@@ -97,6 +103,7 @@ class ARO(OrthogonalOptimizer):
             "momentum": momentum,
             "sinkhorn_iters": sinkhorn_iters,
             "rms_scale": rms_scale,
+            "rotation_every": rotation_every,
             "betas": betas,
             "eps": eps,
         }
@@ -115,6 +122,9 @@ class ARO(OrthogonalOptimizer):
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ValueError(f"{label}: sinkhorn_iters must be a positive int, got {iters!r}")
         check_range(label, "rms_scale", group["rms_scale"], 0.0, float("inf"), lo_open=True)
+        every = group["rotation_every"]
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"{label}: rotation_every must be a positive int, got {every!r}")
 
     def _init_state(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
@@ -127,6 +137,7 @@ class ARO(OrthogonalOptimizer):
                 # rotation a DTensor with the parameter's row sharding under FSDP2, created
                 # without communication (c <= cols always).
                 state["rotation"] = torch.zeros_like(p.detach().reshape(rows, -1)[:, :c])
+                state["step"] = 0  # ARO updates taken; a host int, so reading it never syncs
 
     def _momentum(
         self, group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
@@ -142,20 +153,36 @@ class ARO(OrthogonalOptimizer):
         compute = torch.float64 if momenta[0].dtype == torch.float64 else torch.float32
         rotations = [s["rotation"] for s in states]
         packed = [pack(M, R.to(compute)) for M, R in zip(momenta, rotations, strict=True)]
-        kernel = partial(aro_kernel, iters=group["sinkhorn_iters"])
+        # Matrices whose rotation is refreshed this step, and the others (rotation_every > 1):
+        # one map_matrices call each. Step counts are identical on every rank (skips are
+        # agreed across ranks), so every rank makes the same calls.
+        every = group["rotation_every"]
+        refresh = [s["step"] % every == 0 for s in states]
         # Every rank gets back its (local) rows of every [D | R_t]: store the rotation rows,
         # and regroup the direction views by parameter shape for the shared apply step, which
         # takes them as they are (no stacking copy).
         by_shape: dict[tuple[int, int], tuple[list[int], list[Tensor]]] = defaultdict(
             lambda: ([], [])
         )
-        for b in dist.map_matrices(packed, kernel, compute, self.distributed):
-            for i, y in zip(b.index, b.directions(), strict=True):
-                shape = matrix_shape(momenta[i].shape)
-                dist.local(rotations[i]).copy_(y[:, shape[1] :])
-                index, directions = by_shape[shape]
-                index.append(i)
-                directions.append(y[:, : shape[1]])
+        for flag in (True, False):
+            chosen = [i for i, f in enumerate(refresh) if f == flag]
+            if not chosen:
+                continue
+            kernel = partial(aro_kernel, iters=group["sinkhorn_iters"], refresh=flag)
+            buckets = dist.map_matrices(
+                [packed[i] for i in chosen], kernel, compute, self.distributed
+            )
+            for b in buckets:
+                for j, y in zip(b.index, b.directions(), strict=True):
+                    i = chosen[j]
+                    shape = matrix_shape(momenta[i].shape)
+                    if flag:
+                        dist.local(rotations[i]).copy_(y[:, shape[1] :])
+                    index, directions = by_shape[shape]
+                    index.append(i)
+                    directions.append(y[:, : shape[1]])
+        for state in states:
+            state["step"] += 1
         return [
             Bucket(shape, index, X=torch.empty(0), local_directions=directions)
             for shape, (index, directions) in by_shape.items()
