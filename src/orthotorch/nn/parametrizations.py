@@ -134,8 +134,9 @@ def householder_reflectors(Y: Tensor, k: int | None = None) -> tuple[Tensor, Ten
 
     ``householder_semi_orthogonal(U, q) * d`` is the orthonormal factor ``Q`` of ``Y = Q R``
     with ``diag(R) >= 0``; for a semi-orthogonal ``Y`` that is ``Y`` itself. The signs are
-    needed because ``q`` reflections alone reach only one orientation per column (in the square
-    case a product of ``k`` reflections has determinant ``(-1)^k``).
+    needed because LAPACK picks each reflector to avoid cancellation, which leaves
+    ``Y = H_1 ... H_q E diag(±1)``, and because in the square case a product of ``k``
+    reflections has determinant ``(-1)^k``: no reflectors alone reach both components of O(n).
 
     From LAPACK's ``geqrf``: its ``i``-th reflector is ``v_i = [0, .., 0, 1, A[i+1:, i]]`` with
     ``tau_i = 2 / ||v_i||^2``. Where ``tau_i = 0`` (LAPACK skipped a column already on ``±e_i``)
@@ -156,9 +157,10 @@ def householder_reflectors(Y: Tensor, k: int | None = None) -> tuple[Tensor, Ten
     eye = torch.eye(p, q, dtype=Y.dtype, device=Y.device)
     V = torch.where(skipped.unsqueeze(-2), eye, V)
     R_diag = A.diagonal(dim1=-2, dim2=-1)
-    signs = torch.where(R_diag < 0, -1.0, 1.0).to(Y.dtype) * torch.where(skipped, -1.0, 1.0).to(
-        Y.dtype
-    )
+    # sign(R_ii) makes diag(R) >= 0 (a zero R_ii, rank-deficient Y, counts as +); a skipped
+    # column flips once more for its e_i reflector.
+    flip = (R_diag < 0) ^ skipped
+    signs = torch.where(flip, -1.0, 1.0).to(Y.dtype)
     if k <= q:
         signs[..., k:] = 1.0
         return V[..., :k].contiguous(), signs
@@ -258,7 +260,9 @@ class HouseholderOrthogonal(_TallParametrization):
     The original tensor holds the reflectors ``u_i`` as the columns of a ``(p, k)`` matrix
     (tall orientation); the signs ``d`` (buffer ``signs``, ``(q,)``, all ones until
     :meth:`right_inverse` sets them) are fixed, not trained. ``k`` defaults to ``q = min(m, n)``,
-    which reaches every semi-orthogonal matrix (Householder QR); any ``k >= 1`` is allowed.
+    which with the signs reaches every semi-orthogonal matrix (Householder QR); any ``k >= 1``
+    is allowed. Training moves continuously, so a square weight keeps the determinant it
+    started with (the two components of O(n) are not connected; no parametrization crosses).
     ``W^T W = I`` (tall) or ``W W^T = I`` (wide) holds to rounding for every value of the
     reflectors; a zero reflector is the identity. Forward cost ``O(p k^2 + p k q)`` in the
     compact WY form (:func:`householder_matmul`), never a ``p x p`` product.
