@@ -223,7 +223,11 @@ def scenario_nan_on_one_rank(rank: int, world: int, out: str, name: str) -> None
 
 
 def _subspaces(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    key = opt.finder.state_key
+    """The low-rank optimizers' subspace state (DCT indices, SVD bases); [] for the others."""
+    finder = getattr(opt, "finder", None)
+    if finder is None:
+        return []
+    key = finder.state_key
     return [
         opt.state[p][key].clone()
         for g in opt.param_groups
@@ -232,8 +236,12 @@ def _subspaces(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     ]
 
 
-def scenario_lowrank(rank: int, world: int, out: str, names: str) -> None:
-    """Each low-rank variant of ``names`` (comma-separated) trained under DDP, then FSDP2."""
+def scenario_train_all(rank: int, world: int, out: str, names: str) -> None:
+    """Each optimizer of ``names`` (comma-separated; names or :data:`LOWRANK_VARIANTS` keys)
+    trained under DDP, then under FSDP2, in one spawn (each spawn costs seconds).
+
+    Writes ``{name: {"ddp"|"fsdp": {"params", "stats", "subspaces"}}}``.
+    """
     results = {}
     for name in names.split(","):
         runs = {}
@@ -255,8 +263,12 @@ def scenario_lowrank(rank: int, world: int, out: str, names: str) -> None:
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
+scenario_lowrank = scenario_train_all
+
+
 def scenario_lowrank_checkpoint(rank: int, world: int, out: str, names: str) -> None:
-    """:func:`scenario_fsdp_checkpoint` for each variant, in ``{out}/{variant}``."""
+    """:func:`scenario_fsdp_checkpoint` for each of ``names`` (comma-separated), in
+    ``{out}/{name}``."""
     for name in names.split(","):
         os.makedirs(os.path.join(out, name), exist_ok=True)
         dist.barrier()
@@ -265,7 +277,7 @@ def scenario_lowrank_checkpoint(rank: int, world: int, out: str, names: str) -> 
 
 
 def scenario_lowrank_no_hang(rank: int, world: int, out: str, names: str) -> None:
-    """:func:`scenario_no_hang` (plain tensors) and its FSDP2 analogue for each variant: row
+    """:func:`scenario_no_hang` (plain tensors) and its FSDP2 analogue for each of ``names``: row
     shards of uneven size (5 rows, 3 rows), an empty shard (a 1-row weight), a group with one
     matrix, and a weight whose gradient exists on rank 0 only."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -306,7 +318,7 @@ def scenario_lowrank_no_hang(rank: int, world: int, out: str, names: str) -> Non
 
     replicated = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Replicate()]))
     try:
-        optimizer_class(names.split(",")[0])[0]([replicated])
+        optimizer_class("DCTAdamW")[0]([replicated])
         results["layout_error"] = ""
     except ValueError as err:
         results["layout_error"] = str(err)
@@ -320,6 +332,7 @@ SCENARIOS: dict[str, Callable[[int, int, str, str], None]] = {
     "no_hang": scenario_no_hang,
     "mismatch": scenario_mismatch,
     "nan_on_one_rank": scenario_nan_on_one_rank,
+    "train_all": scenario_train_all,
     "lowrank": scenario_lowrank,
     "lowrank_checkpoint": scenario_lowrank_checkpoint,
     "lowrank_no_hang": scenario_lowrank_no_hang,

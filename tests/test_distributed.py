@@ -63,10 +63,31 @@ def total_matrices() -> int:
     )
 
 
-@pytest.mark.parametrize("name", ["Muon", "ROOT"])
+ORTHO = ["Muon", "ROOT"]
+LOWRANK = list(dist_workers.LOWRANK_VARIANTS)
+
+
+def ortho_bytes() -> int:
+    """fp32 bytes of the matrices in the orthogonalized (or low-rank) groups."""
+    return 4 * sum(
+        p.numel()
+        for name, p in dist_workers.make_model().named_parameters()
+        if p.ndim == 2 and not name.startswith(("embed", "head"))
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """One spawn trains every optimizer under DDP and under FSDP2 (each spawn costs seconds)."""
+    return run("train_all", tmp_path_factory.mktemp("train_all"), ",".join(ORTHO + LOWRANK))
+
+
+@pytest.mark.parametrize("name", ORTHO)
 @pytest.mark.parametrize("scenario", ["ddp", "fsdp"])
-def test_matches_single_process_and_splits_work(scenario: str, name: str, tmp_path: Path) -> None:
-    results = run(scenario, tmp_path, name)
+def test_matches_single_process_and_splits_work(
+    trained: list[dict], scenario: str, name: str
+) -> None:
+    results = [r[name][scenario] for r in trained]
     reference = dist_workers.reference(name)
     for r in results:
         assert_close_to(reference, r["params"])
@@ -74,23 +95,35 @@ def test_matches_single_process_and_splits_work(scenario: str, name: str, tmp_pa
     assert sum(per_step) == total_matrices()
     assert max(per_step) - min(per_step) <= 1
     # Bytes sent per step stay under twice the orthogonalized parameters (fp32 here).
-    ortho_bytes = 4 * sum(
-        p.numel()
-        for name, p in dist_workers.make_model().named_parameters()
-        if p.ndim == 2 and not name.startswith(("embed", "head"))
-    )
     for r in results:
-        assert r["stats"]["bytes_sent"] / dist_workers.STEPS <= 2 * ortho_bytes
+        assert r["stats"]["bytes_sent"] / dist_workers.STEPS <= 2 * ortho_bytes()
 
 
-def test_fsdp_checkpoint_resumes_on_one_rank(tmp_path: Path) -> None:
-    results = run("fsdp_checkpoint", tmp_path)
-    resumed = dist_workers.resume_single_process(str(tmp_path), "Muon")
-    assert_close_to(results[0]["params"], resumed)
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One spawn: for each optimizer, 3 steps on 2 FSDP2 ranks, a DCP save, 2 more steps."""
+    out = tmp_path_factory.mktemp("checkpoint")
+    run("lowrank_checkpoint", out, ",".join(["Muon", *LOWRANK]))
+    return out
 
 
-def test_gradient_on_one_rank_and_small_groups_do_not_hang(tmp_path: Path) -> None:
-    results = run("no_hang", tmp_path)
+def assert_resumes(out: Path, name: str) -> None:
+    saved = torch.load(out / name / "rank0.pt", weights_only=False)["params"]
+    resumed = dist_workers.resume_single_process(str(out / name), name)
+    assert_close_to(saved, resumed)
+
+
+def test_fsdp_checkpoint_resumes_on_one_rank(checkpointed: Path) -> None:
+    assert_resumes(checkpointed, "Muon")
+
+
+@pytest.fixture(scope="module")
+def no_hang(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return run("lowrank_no_hang", tmp_path_factory.mktemp("no_hang"), ",".join(["Muon", *LOWRANK]))
+
+
+def test_gradient_on_one_rank_and_small_groups_do_not_hang(no_hang: list[dict]) -> None:
+    results = [r["Muon"]["plain"] for r in no_hang]
     assert all(r["lonely_moved"] for r in results)
     assert torch.equal(results[0]["shared"], results[1]["shared"])
 
@@ -108,30 +141,12 @@ def test_nan_in_one_shard_stops_every_rank(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------- low-rank optimizers
-LOWRANK = list(dist_workers.LOWRANK_VARIANTS)
-
-
-def ortho_bytes() -> int:
-    """fp32 bytes of the matrices in the orthogonalized (here: low-rank) groups."""
-    return 4 * sum(
-        p.numel()
-        for name, p in dist_workers.make_model().named_parameters()
-        if p.ndim == 2 and not name.startswith(("embed", "head"))
-    )
-
-
-@pytest.fixture(scope="module")
-def lowrank_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """One spawn for every low-rank variant under DDP and FSDP2 (each spawn costs seconds)."""
-    return run("lowrank", tmp_path_factory.mktemp("lowrank"), ",".join(LOWRANK))
-
-
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
 @pytest.mark.parametrize("variant", LOWRANK)
 def test_lowrank_matches_single_process_and_splits_work(
-    lowrank_runs: list[dict], variant: str, layout: str
+    trained: list[dict], variant: str, layout: str
 ) -> None:
-    runs = [r[variant][layout] for r in lowrank_runs]
+    runs = [r[variant][layout] for r in trained]
     reference = dist_workers.reference(variant)
     for r in runs:
         assert_close_to(reference, r["params"])
@@ -153,18 +168,16 @@ def test_lowrank_matches_single_process_and_splits_work(
         assert r["stats"]["bytes_sent"] / dist_workers.STEPS <= 2 * ortho_bytes()
 
 
-def test_lowrank_fsdp_checkpoint_resumes_on_one_rank(tmp_path: Path) -> None:
-    """DCP save on 2 ranks (row-sharded and replicated moments, int32 indices), resume on 1."""
-    run("lowrank_checkpoint", tmp_path, ",".join(LOWRANK))
-    for variant in LOWRANK:
-        saved = torch.load(tmp_path / variant / "rank0.pt", weights_only=False)["params"]
-        resumed = dist_workers.resume_single_process(str(tmp_path / variant), variant)
-        assert_close_to(saved, resumed)
+@pytest.mark.parametrize("variant", LOWRANK)
+def test_lowrank_fsdp_checkpoint_resumes_on_one_rank(checkpointed: Path, variant: str) -> None:
+    """Row-sharded and replicated moments and int32 indices reshard from 2 ranks to 1; the
+    resumed run refreshes its subspace (and rotates moments) at step 4."""
+    assert_resumes(checkpointed, variant)
 
 
-def test_lowrank_no_hang_plain_and_sharded(tmp_path: Path) -> None:
-    results = run("lowrank_no_hang", tmp_path, ",".join(LOWRANK))
-    for variant in LOWRANK:
+def test_lowrank_no_hang_plain_and_sharded(no_hang: list[dict]) -> None:
+    results = no_hang
+    for variant in ["Muon", *LOWRANK]:
         per_rank = [r[variant] for r in results]
         # Where the gradient is missing it counts as zero: Adam variants then leave the weight
         # there (their moments are per rank), orthogonalized ones take the owner's result.
