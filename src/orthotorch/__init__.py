@@ -3,7 +3,7 @@
 import importlib
 from types import ModuleType
 
-from . import functional, linalg, merge, metrics
+from . import functional, linalg, merge, metrics, nn
 from ._version import __version__
 from .optim import (
     ARO,
@@ -35,6 +35,7 @@ __all__ = [
     "linalg",
     "merge",
     "metrics",
+    "nn",
     "param_groups",
     "route_parameters",
 ]
