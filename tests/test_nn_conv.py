@@ -13,15 +13,6 @@ from orthotorch.nn.conv import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared; two threads on tiny matrices only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gram_errors(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(||A A^T - I||_F^2, ||A^T A - I||_F^2)`` of an explicit convolution matrix."""
     rows = torch.linalg.matrix_norm(A @ A.T - torch.eye(A.shape[0], dtype=A.dtype)) ** 2

@@ -16,15 +16,6 @@ from orthotorch.nn.losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared; two threads on tiny matrices only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_opl(features: torch.Tensor, labels: torch.Tensor, gamma: float) -> float:
     """Pair-by-pair loop of Ranasinghe et al. eq. 4."""
     f = [v / v.norm() for v in features.double()]

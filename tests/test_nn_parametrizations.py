@@ -26,16 +26,6 @@ METHODS = ["householder", "cayley"]
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These matrices are tiny: on a loaded machine intra-op threads only add sync stalls
-    (1000 steps went from ~0.7 s to 5-20 s with 2 threads), so run on one and restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def shape_id(s: tuple[int, ...]) -> str:
     return "x".join(map(str, s))
 

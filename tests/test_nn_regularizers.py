@@ -19,15 +19,6 @@ from orthotorch.nn.regularizers import (
 SHAPES = [(5, 5), (4, 9), (9, 4), (3, 4, 7), (2, 3, 6, 2)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared; two threads on tiny matrices only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def semi_orthogonal(*shape: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     *lead, m, n = shape
