@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..linalg.dct import dct_basis, select_columns
+from ..linalg.dct import dct_basis, dct_column_scores, select_columns
 from ..linalg.registry import OrthogonalizationMethod
 from .muon import bucket_by_shape, matrix_shape
 
@@ -220,6 +220,12 @@ class SubspaceFinder:
         allocate: ``(k, r, like) -> empty subspace`` with the shape, dtype and device ``find``
             returns; under DDP/FSDP2 one rank finds each subspace and the others receive it into
             such a buffer (:func:`orthotorch.distributed.map_owned`).
+        row_scores, select: optional split of ``find`` for a tall weight (``m > n``, subspace
+            of the columns) held as row blocks: ``row_scores(G[a:b], options)`` are per-column
+            statistics that *add* over row blocks, and ``select(total, r, options)`` turns
+            their sum into the subspace. Under FSDP2 every rank scores its own rows and one
+            all-reduce of ``n`` numbers replaces gathering the gradient (the DCT's column
+            energies; an SVD has no such split).
     """
 
     name: str
@@ -228,11 +234,26 @@ class SubspaceFinder:
     projector: Callable[[Tensor, int, Tensor], Tensor]
     rotation: Callable[[Tensor, Tensor], Tensor]
     allocate: Callable[[int, int, Tensor], Tensor] | None = None
+    row_scores: Callable[[Tensor, Mapping[str, Any]], Tensor] | None = None
+    select: Callable[[Tensor, int, Mapping[str, Any]], Tensor] | None = None
 
 
 def _dct_find(X: Tensor, rank: int, options: Mapping[str, Any]) -> Tensor:
     # Scores for the basis of the k-side: ||X^T q_j|| over the N columns of X.
     return select_columns(X.mT, None, rank, norm=options.get("score_norm", "l2"))[1]
+
+
+def _dct_row_scores(G_rows: Tensor, options: Mapping[str, Any]) -> Tensor:
+    # Column j's score over rows a:b; squared for l2 so that blocks add up to ||G q_j||^2.
+    norm = options.get("score_norm", "l2")
+    scores = dct_column_scores(G_rows, norm)
+    return scores.square() if norm == "l2" else scores
+
+
+def _dct_select(total: Tensor, rank: int, options: Mapping[str, Any]) -> Tensor:
+    del options  # the square root of the l2 energies would not change the order
+    top = torch.topk(total, rank, dim=-1, sorted=False).indices
+    return top.sort(dim=-1).values.to(torch.int32)
 
 
 def _dct_projector(indices: Tensor, k: int, like: Tensor) -> Tensor:
@@ -273,7 +294,14 @@ def _svd_allocate(k: int, rank: int, like: Tensor) -> Tensor:
 
 
 DCT_FINDER = SubspaceFinder(
-    "dct", "indices", _dct_find, _dct_projector, _dct_rotation, _dct_allocate
+    "dct",
+    "indices",
+    _dct_find,
+    _dct_projector,
+    _dct_rotation,
+    _dct_allocate,
+    _dct_row_scores,
+    _dct_select,
 )
 SVD_FINDER = SubspaceFinder(
     "svd", "projector", _svd_find, _svd_projector, _svd_rotation, _svd_allocate

@@ -14,8 +14,10 @@ Distributed (all communication through :mod:`orthotorch.distributed`):
   columns, which every row shard holds whole: its ``m x r`` moments are row-sharded like the
   weight and Adam needs no communication. A wide weight is projected on its sharded rows: the
   projection ``P^T G`` is all-reduced from per-shard terms (``r x n``), its moments are
-  replicated ``DTensor`` objects, and each rank back-projects its own rows. Subspace refreshes
-  gather each gradient whole on its owner only (``all_to_all``), every ``update_every`` steps.
+  replicated ``DTensor`` objects, and each rank back-projects its own rows. A subspace refresh
+  (every ``update_every`` steps) gathers each gradient whole on its owner only (``all_to_all``),
+  except for tall weights under the DCT: column scores add over rows, so every rank scores its
+  rows and one all-reduce of ``n`` numbers gives every rank the same totals to select from.
 """
 
 from __future__ import annotations
@@ -160,25 +162,47 @@ class _LowRankAdamW(OrthogonalOptimizer):
         (every parameter at its first step); rotates their moments if asked to.
 
         Each subspace is found once, on one rank, from the whole gradient, and shared
-        (:func:`orthotorch.distributed.map_owned`): ranks never disagree on it.
+        (:func:`orthotorch.distributed.map_owned`), so ranks never disagree on it. Tall
+        row-sharded weights with a finder whose scores add over rows (the DCT) are the
+        exception: every rank scores its own rows, and all select from the same all-reduced
+        totals.
         """
         # CPU step counters: no device sync, and equal on every rank.
         due = [j for j, s in enumerate(states) if int(s["step"]) % group["update_every"] == 0]
         if not due:
             return
-        ranks = [resolve_rank(group["rank"], matrix_shape(grads[j].shape)) for j in due]
+        finder = self.finder
+        shapes = {j: matrix_shape(grads[j].shape) for j in due}
+        ranks = {j: resolve_rank(group["rank"], shapes[j]) for j in due}
+        by_rows = [
+            j
+            for j in due
+            if finder.row_scores is not None
+            and distributed.is_dtensor(grads[j])
+            and shapes[j][0] > shapes[j][1]
+        ]
+        owned = [j for j in due if j not in by_rows]
         like = [
-            self.finder.allocate(min(matrix_shape(grads[j].shape)), r, distributed.local(grads[j]))
-            for j, r in zip(due, ranks, strict=True)
+            finder.allocate(min(shapes[j]), ranks[j], distributed.local(grads[j])) for j in owned
         ]
 
         def find(i: int, G: Tensor) -> Tensor:
-            return self.finder.find(wide(G), ranks[i], group)
+            return finder.find(wide(G), ranks[owned[i]], group)
 
-        found = distributed.map_owned([grads[j] for j in due], find, like, self.distributed)
+        results = distributed.map_owned([grads[j] for j in owned], find, like, self.distributed)
+        found = dict(zip(owned, results, strict=True))
+        if by_rows:
+            totals = [
+                finder.row_scores(distributed.local(grads[j]).reshape(-1, shapes[j][1]), group)
+                for j in by_rows
+            ]
+            distributed.sum_across_shards_(totals, [grads[j] for j in by_rows])
+            for j, total in zip(by_rows, totals, strict=True):
+                found[j] = finder.select(total, ranks[j], group)
         key = self.finder.state_key
         first, second, rotations, tall = [], [], [], []
-        for j, new in zip(due, found, strict=True):
+        for j in due:
+            new = found[j]
             state = states[j]
             old = state.get(key)
             state[key] = new
@@ -188,8 +212,7 @@ class _LowRankAdamW(OrthogonalOptimizer):
                 first.append(distributed.local(M))
                 second.append(None if V is None else distributed.local(V))
                 rotations.append(self.finder.rotation(old, new))
-                m, n = matrix_shape(grads[j].shape)
-                tall.append(m > n)
+                tall.append(shapes[j][0] > shapes[j][1])
         if rotations:
             rotate_moments_(first, second, rotations, tall=tall)
 
