@@ -234,6 +234,17 @@ def _spectra_adamw(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -
     return SPECTRA(_adamw(model_or_groups, lr, adamw_lr), clip=10.0)
 
 
+def _muon_symmetry(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
+    # A model is routed with policy="symmetry" (every matrix, embedding and head included, gets
+    # its symmetry-compatible rule; only 1-D parameters get AdamW). Groups are used as given:
+    # they carry their rules already, and a list of tensors has no module roles to route by.
+    if isinstance(model_or_groups, nn.Module):
+        groups = param_groups(model_or_groups, policy="symmetry")
+    else:
+        groups = _groups(model_or_groups)
+    return Muon(groups, lr=lr, weight_decay=0.0, adamw_lr=adamw_lr)
+
+
 def _aro(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
     return ARO(_groups(model_or_groups), lr=lr, weight_decay=0.0, adamw_lr=adamw_lr)
 
@@ -244,6 +255,17 @@ register_optimizer(
         _spectra_adamw,
         lr={"bytelm": 1e-3, "digits": 3e-3, "matrix": 1e-3, "*": 1e-3},
         description="SPECTRA(torch.optim.AdamW): AdamW's update soft-clipped at spectral norm 10",
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        "muon-symmetry",
+        _muon_symmetry,
+        # Muon's learning rates (not swept): row/column-normalised updates have the polar
+        # factor's Frobenius norm, so the headline lr keeps its meaning across rules.
+        lr={"bytelm": 0.02, "digits": 0.01, "matrix": 5e-3, "*": 0.02},
+        description="orthotorch.Muon over param_groups(policy='symmetry'): row_norm embedding, "
+        "centered_row_norm head, row/col_norm MLP, spectral attention",
     )
 )
 register_optimizer(
