@@ -315,3 +315,70 @@ def test_rank_out_of_range_names_parameter_and_range(cls) -> None:
         cls(named, rank=0)
     with pytest.raises(ValueError, match=r"parameter 'bias' has shape \(16,\)"):
         cls([("bias", nn.Parameter(torch.randn(16)))], rank=1)
+
+
+# ----------------------------------------------------------------------- row shards (FSDP2)
+ROW_BLOCKS = [(0, 5), (5, 9), (9, 9), (9, 13)]  # uneven, one empty: as Shard(0) can give
+
+
+def _blocks(t: torch.Tensor) -> list[torch.Tensor]:
+    return [t[a:b] for a, b in ROW_BLOCKS]
+
+
+@pytest.mark.parametrize("shape", [(13, 6), (13, 20)], ids=["tall", "wide"])
+def test_row_block_projections_assemble_the_whole_projection(shape) -> None:
+    """Tall: the blocks of G P stack up; wide: the terms P[a:b]^T G[a:b] sum to P^T G."""
+    from orthotorch.functional.lowrank import back_project, back_project_rows, project, project_rows
+
+    torch.manual_seed(0)
+    G = torch.randn(shape, dtype=torch.float64)
+    m, n = shape
+    tall = m > n
+    P = torch.linalg.qr(torch.randn(min(shape), 3, dtype=torch.float64))[0]
+    R = project(G, P)
+    if tall:
+        parts = [project_rows(b, P, tall=True) for b in _blocks(G)]
+        torch.testing.assert_close(torch.cat(parts), R, rtol=1e-12, atol=1e-12)
+        U = torch.cat([back_project_rows(r, P, tall=True) for r in _blocks(R)])
+    else:
+        parts = [project_rows(b, p, tall=False) for b, p in zip(_blocks(G), _blocks(P))]
+        torch.testing.assert_close(sum(parts), R, rtol=1e-12, atol=1e-12)
+        U = torch.cat([back_project_rows(R, p, tall=False) for p in _blocks(P)])
+    full = back_project(R, P)
+    torch.testing.assert_close(U, full.mT if tall else full, rtol=1e-12, atol=1e-12)
+
+
+def test_rotating_row_blocks_of_a_tall_moment_equals_rotating_it_whole() -> None:
+    """A row block of an m x r moment can have fewer rows than r, so the orientation must be
+    given (the shape alone would rotate the block on the wrong side)."""
+    torch.manual_seed(0)
+    M = torch.randn(13, 4, dtype=torch.float64)
+    V = torch.rand(13, 4, dtype=torch.float64)
+    R = DCT_FINDER.rotation(torch.tensor([0, 2, 5, 7]), torch.tensor([2, 3, 5, 6]))
+    whole_M, whole_V = M.clone(), V.clone()
+    rotate_moments_([whole_M], [whole_V], [R])
+    blocks_M, blocks_V = _blocks(M.clone()), _blocks(V.clone())
+    rotate_moments_(blocks_M, blocks_V, [R] * len(blocks_M), tall=[True] * len(blocks_M))
+    torch.testing.assert_close(torch.cat(blocks_M), whole_M, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(blocks_V), whole_V, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_dct_row_scores_add_up_to_the_whole_gradient_selection(norm: str) -> None:
+    """Per-row-block DCT scores, summed (the FSDP2 all-reduce), select what find() selects."""
+    torch.manual_seed(0)
+    G = torch.randn(13, 16)  # tall: columns (k = 16) are selected
+    options = {"score_norm": norm}
+    total = sum(DCT_FINDER.row_scores(b, options) for b in _blocks(G))
+    selected = DCT_FINDER.select(total, 5, options)
+    assert selected.dtype == torch.int32
+    assert torch.equal(selected, DCT_FINDER.find(G.mT, 5, options))
+
+
+@pytest.mark.parametrize("finder", [DCT_FINDER, SVD_FINDER], ids=["dct", "svd"])
+def test_allocate_matches_what_find_returns(finder) -> None:
+    """Under DDP/FSDP2 non-owners receive the subspace into allocate()'s buffer."""
+    X = torch.randn(6, 11, dtype=torch.bfloat16)
+    found = finder.find(X, 3, {})
+    buffer = finder.allocate(6, 3, X)
+    assert (buffer.shape, buffer.dtype) == (found.shape, found.dtype)
