@@ -226,7 +226,7 @@ def test_group_clip_override_turns_clipping_off() -> None:
 
 def test_resume_from_checkpoint_is_bitwise_equal() -> None:
     def make(model):
-        return orthotorch.SPECTRA(adamw(model), clip=0.5, pre_clip=2.0)
+        return orthotorch.SPECTRA(adamw(model), clip=0.5, pre_clip=2.0, route="gram")
 
     model = small_cnn()
     opt = make(model)
@@ -241,14 +241,20 @@ def test_resume_from_checkpoint_is_bitwise_equal() -> None:
     resumed.load_state_dict(saved["model"])
     opt2 = orthotorch.SPECTRA(adamw(resumed), clip=7.0)  # settings come from the checkpoint
     opt2.load_state_dict(saved["opt"])
-    assert (opt2.clip, opt2.pre_clip) == (0.5, 2.0)
+    assert (opt2.clip, opt2.pre_clip, opt2.route) == (0.5, 2.0, "gram")
     assert opt2.state is opt2.optimizer.state
     train(resumed, opt2, 3, start=3)
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
-    # A plain base state dict loads too (and vice versa).
+    # A plain base state dict loads too (and vice versa), and so do the settings of a
+    # checkpoint written before ``route`` existed (the current route is kept).
     torch.optim.AdamW(resumed.parameters()).load_state_dict(opt2.state_dict())
     opt2.load_state_dict(adamw(resumed).state_dict())
+    old = opt2.state_dict()
+    del old["spectra"]["route"]
+    opt3 = orthotorch.SPECTRA(adamw(resumed), route="eigh")
+    opt3.load_state_dict(old)
+    assert (opt3.clip, opt3.route) == (0.5, "eigh")
 
 
 def test_non_finite_gradient_raises_and_changes_nothing() -> None:
@@ -310,6 +316,9 @@ def test_scheduler_closure_zero_grad_and_add_param_group() -> None:
         ({"method": "qr"}, r"unknown orthogonalization method 'qr'"),
         ({"steps": 0}, r"steps must be a positive int"),
         ({"distributed": "ddp"}, r"distributed must be one of 'auto', 'off'"),
+        ({"route": "svd"}, r"route must be one of 'auto', 'gram', 'eigh', 'polar'"),
+        ({"route": "eigh", "dtype": torch.bfloat16}, r"route 'eigh' computes in float32"),
+        ({"route": "gram", "method": "svd"}, r"route 'gram' needs a Newton–Schulz method"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, message) -> None:

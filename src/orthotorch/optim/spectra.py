@@ -74,12 +74,20 @@ class SPECTRA(Optimizer):
        \end{aligned}
 
     with each group's ``lr`` ``eta`` and decoupled weight decay ``lambda`` (see
-    :func:`decoupled_weight_decay`). ``H_c`` is :func:`orthotorch.linalg.spectral_clip` (no SVD:
-    a polar factor of ``[U, c I]``), run through :func:`orthotorch.distributed.map_matrices`, so
-    under DDP/FSDP2 each rank clips a share of the matrices. Weights with more than two
+    :func:`decoupled_weight_decay`). ``H_c`` is :func:`orthotorch.linalg.spectral_clip` (no SVD;
+    on the small side's ``m x m`` Gram matrix, batched over same-shape matrices), run through
+    :func:`orthotorch.distributed.map_matrices`, so under DDP/FSDP2 each rank clips a share of
+    the matrices (``DTensor`` parameters sharded on dim 0 included). Weights with more than two
     dimensions are clipped as ``(shape[0], prod(shape[1:]))`` matrices; 1-D parameters keep the
-    base step. With ``pre_clip``, each matrix gradient is replaced *in place* by
-    ``H_{pre_clip}(G)`` before the base step (like ``clip_grad_norm_``).
+    base step.
+
+    Every matrix the base optimizer updates is clipped, the embedding and output head included:
+    that is what the paper's code does (``apply_to="2d"``, untied embeddings). They are the
+    largest matrices, so a group with ``"clip": None`` for them is the way to save time
+    (about a quarter of the clip's cost on the reference set).
+
+    With ``pre_clip``, each matrix gradient is replaced *in place* by ``H_{pre_clip}(G)``
+    before the base step (like ``clip_grad_norm_``).
 
     The wrapper shares ``param_groups``, ``state`` and ``defaults`` with the wrapped optimizer,
     so learning-rate schedulers, ``GradScaler`` and ``add_param_group`` act on both. A group may
