@@ -42,7 +42,9 @@ value, while mixing between large and small directions is damped by the inverse 
 Measured in float32 against the SVD definition (relative Frobenius error, log-spaced spectra
 from ``s/c = 300`` down to ``1/100``): ``"gram"`` ~1e-3, ``"eigh"`` ~4e-3, ``"polar"`` ~1e-5;
 at ``s_max / c = 30``: 4e-5, 2e-5, 2e-6. In float64 all are below 1e-8. (AdamW updates with
-``c = 10`` have ``s_max / c`` of about 1-10.) Both Gram routes first scale ``X`` by
+``c = 10`` have ``s_max / c`` of about 1-10.) On GPUs, TF32 matmuls
+(``torch.backends.cuda.matmul.allow_tf32``) round like bf16 does and cost the Gram routes the
+same ~1%. Both Gram routes first scale ``X`` by
 ``r = max(max|X|, c)`` (``H_c(X) = r H_{c/r}(X / r)``) so that ``X X^T`` cannot overflow (the
 ``"polar"`` route too, for ``||Z||_F``).
 
