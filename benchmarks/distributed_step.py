@@ -2,9 +2,15 @@
 
 Replicated (DDP-style plain tensors) and sharded (FSDP2-style DTensors, Shard(0)) layouts, gloo
 on CPU. Each configuration runs in freshly spawned processes; median of --repeats steps after
-3 warm-up steps; rank 0 reports.
+3 warm-up steps; rank 0 reports. "sent / ortho. bytes" divides the bytes this rank sent per step
+by the fp32 size of the orthogonalized (or low-rank) matrices; the issue's target is <= 2x.
 
-    python benchmarks/distributed_step.py [--repeats 10]
+Optimizers: ``Muon``; ``DCTAdamW-ortho`` (DCTAdamW, orthogonalize=True, rank 1/4, subspace
+refresh every ``--update-every`` steps, default 200 as in GaLore, so the measured steps are
+steady-state ones); ``DCTAdamW-ortho-refresh`` (refresh at every step: the worst case, each
+gradient gathered whole on its owner every step).
+
+    python benchmarks/distributed_step.py [--repeats 10] [--optimizers Muon,DCTAdamW-ortho]
 """
 
 from __future__ import annotations
@@ -36,7 +42,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, world: int, port: int, layout: str, repeats: int, queue) -> None:
+def make_optimizer(name: str, hidden: list, adamw: list, update_every: int):
+    groups = [{"params": hidden}, {"params": adamw, "algorithm": "adamw"}]
+    if name == "Muon":
+        return orthotorch.Muon(groups, lr=0.02, adamw_lr=3e-3)
+    if name.startswith("DCTAdamW-ortho"):
+        every = 1 if name.endswith("-refresh") else update_every
+        return orthotorch.DCTAdamW(
+            groups, lr=0.02, rank=0.25, orthogonalize=True, update_every=every, adamw_lr=3e-3
+        )
+    raise ValueError(f"unknown optimizer {name!r}; use Muon, DCTAdamW-ortho[-refresh]")
+
+
+def worker(
+    rank: int,
+    world: int,
+    port: int,
+    layout: str,
+    repeats: int,
+    queue,
+    name: str = "Muon",
+    update_every: int = 200,
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -52,9 +79,7 @@ def worker(rank: int, world: int, port: int, layout: str, repeats: int, queue) -
             ]
 
         hidden, adamw = shard(hidden), shard(adamw)
-    opt = orthotorch.Muon(
-        [{"params": hidden}, {"params": adamw, "algorithm": "adamw"}], lr=0.02, adamw_lr=3e-3
-    )
+    opt = make_optimizer(name, hidden, adamw, update_every)
     params = [p for _, p in hidden + adamw]
     times, sent = [], []
     for r in range(3 + repeats):
@@ -81,12 +106,16 @@ def worker(rank: int, world: int, port: int, layout: str, repeats: int, queue) -
     os._exit(0)
 
 
-def run(world: int, layout: str, repeats: int) -> tuple[float, float, int]:
+def run(
+    world: int, layout: str, repeats: int, name: str = "Muon", update_every: int = 200
+) -> tuple[float, float, int]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=worker, args=(r, world, port, layout, repeats, queue))
+        ctx.Process(
+            target=worker, args=(r, world, port, layout, repeats, queue, name, update_every)
+        )
         for r in range(world)
     ]
     for p in procs:
@@ -100,21 +129,28 @@ def run(world: int, layout: str, repeats: int) -> tuple[float, float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--optimizers", default="Muon,DCTAdamW-ortho,DCTAdamW-ortho-refresh")
+    ap.add_argument("--update-every", type=int, default=200)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, gloo")
-    print("| layout | processes | step ms (median) | MB sent / step / rank | sent / ortho. bytes |")
-    print("|---|---|---|---|---|")
-    for layout in ("replicated", "sharded"):
-        for world in (1, 2):
-            step, sent, ortho = run(world, layout, args.repeats)
-            cells = [
-                layout,
-                world,
-                f"{step * 1e3:.0f}",
-                f"{sent / 1e6:.1f}",
-                f"{sent / ortho:.2f}x",
-            ]
-            print("| " + " | ".join(map(str, cells)) + " |")
+    print(
+        "| optimizer | layout | processes | step ms (median) | MB sent / step / rank "
+        "| sent / ortho. bytes |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name in args.optimizers.split(","):
+        for layout in ("replicated", "sharded"):
+            for world in (1, 2):
+                step, sent, ortho = run(world, layout, args.repeats, name, args.update_every)
+                cells = [
+                    name,
+                    layout,
+                    world,
+                    f"{step * 1e3:.0f}",
+                    f"{sent / 1e6:.1f}",
+                    f"{sent / ortho:.2f}x",
+                ]
+                print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""FSDP2 + orthotorch.Muon on CPU (gloo) or GPU (nccl).
+"""FSDP2 + orthotorch.Muon (or DCTAdamW) on CPU (gloo) or GPU (nccl).
 
-    torchrun --nproc_per_node 2 examples/fsdp2.py
+    torchrun --nproc_per_node 2 examples/fsdp2.py [--optimizer dct]
 
-Each rank orthogonalizes only the matrices it owns (whole matrices, gathered from the row
+Muon: each rank orthogonalizes only the matrices it owns (whole matrices, gathered from the row
 shards with all_to_all) and sends the row shards back; AdamW groups stay shard-local.
+DCTAdamW (orthogonalize=True): tall weights keep row-sharded low-rank moments, wide ones
+all-reduce their small projections; subspaces are found once and shared by every rank.
 """
 
+import argparse
 import os
 
 import torch
@@ -15,6 +18,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import orthotorch
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--optimizer", choices=["muon", "dct"], default="muon")
+args = parser.parse_args()
 
 backend = "nccl" if torch.cuda.is_available() else "gloo"
 dist.init_process_group(backend)
@@ -35,7 +42,12 @@ for layer in (model[1], model[3]):
     fully_shard(layer, mesh=mesh)
 fully_shard(model, mesh=mesh)
 
-optimizer = orthotorch.Muon(orthotorch.param_groups(model), lr=0.02, adamw_lr=3e-3)
+if args.optimizer == "muon":
+    optimizer = orthotorch.Muon(orthotorch.param_groups(model), lr=0.02, adamw_lr=3e-3)
+else:
+    optimizer = orthotorch.DCTAdamW(
+        orthotorch.param_groups(model), lr=0.02, rank=0.25, orthogonalize=True, adamw_lr=3e-3
+    )
 if rank == 0:
     print(orthotorch.describe(optimizer))
 
