@@ -1,14 +1,10 @@
-"""ARO: the functional pieces against their definitions, the optimizer, and DDP consistency.
+"""ARO: the functional pieces against their definitions, the optimizer, rotation_every.
 
 The shared conformance checks (loss, resume, dtype, NaN, errors, ...) run ARO through
 tests/optim_db.py.
 """
 
 from __future__ import annotations
-
-import multiprocessing as mp
-import os
-import socket
 
 import pytest
 import torch
@@ -153,101 +149,7 @@ def test_rotation_differs_from_identity_and_loss_goes_down() -> None:
     assert not torch.allclose(opt.state[W]["rotation"], torch.eye(32), atol=1e-2)
 
 
-# ----------------------------------------------------------------------------- DDP
-STEPS = 3
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    # float64: ARO's QR of M f(R^T M)^T has roughly M's condition number squared, which turns
-    # the all-reduce's different summation order into ~1e-2 relative parameter differences
-    # after 3 float32 steps (measured); in float64 the same amplification stays tiny.
-    model = nn.Sequential(
-        nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 6)
-    )
-    return model.double()
-
-
-def _train(model: nn.Module, opt: torch.optim.Optimizer, rank: int = 0, world: int = 1) -> None:
-    for step in range(STEPS):
-        gen = torch.Generator().manual_seed(step)
-        x = torch.randn(64, 12, generator=gen, dtype=torch.float64)
-        y = torch.randn(64, 6, generator=gen, dtype=torch.float64)
-        opt.zero_grad()
-        # Each rank takes its slice of the global batch; DDP averages the gradients. A batch
-        # larger than the widths keeps every gradient full rank, so the rotations are unique.
-        part = slice(rank * 64 // world, (rank + 1) * 64 // world)
-        (model(x[part]) - y[part]).square().mean().backward()
-        opt.step()
-
-
-def _make(model: nn.Module, **kw) -> orthotorch.ARO:
-    # Every Linear weight in the ARO group (3 matrices, 2 of them the same shape), biases AdamW.
-    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
-    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    return orthotorch.ARO(
-        [{"params": weights}, {"params": biases, "algorithm": "adamw"}], lr=0.05, **kw
-    )
-
-
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model = nn.parallel.DistributedDataParallel(_model())
-    opt = _make(model.module)
-    orthotorch.distributed.STATS.reset()
-    _train(model, opt, rank, world)
-    torch.save(
-        {
-            "params": [p.detach().clone() for p in model.module.parameters()],
-            "rotations": [s["rotation"].clone() for s in opt.state.values() if "rotation" in s],
-            "processed": orthotorch.distributed.STATS.matrices_processed,
-        },
-        os.path.join(out, f"rank{rank}.pt"),
-    )
-    dist.barrier()
-    # Skip gloo teardown, which intermittently aborts after the work is done (see dist_workers).
-    os._exit(0)
-
-
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_ddp_matches_single_process_and_rotations_agree(tmp_path) -> None:
-    """Each rank computes a share of the rotations; all ranks must end with the same state."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-
-    model = _model()
-    opt = _make(model, distributed="off")
-    _train(model, opt)
-    rotations = [s["rotation"] for s in opt.state.values() if "rotation" in s]
-    # Not bitwise: DDP's all-reduce sums gradients in another order (see _model).
-    for out in ranks:
-        for a, b in zip(out["params"], model.parameters(), strict=True):
-            err = ((a - b.detach()).norm() / b.norm()).item()
-            assert err < 1e-6
-        for a, b in zip(out["rotations"], rotations, strict=True):
-            err = (a - b).norm().item()
-            assert err < 1e-6
-    # The new rotations are gathered from their owners: identical on every rank.
-    for a, b in zip(ranks[0]["rotations"], ranks[1]["rotations"], strict=True):
-        assert torch.equal(a, b)
-    # The work was split: 3 matrices per step over 2 ranks.
-    assert sorted(out["processed"] for out in ranks) == [STEPS * 1, STEPS * 2]
+# DDP and FSDP2 runs: tests/test_distributed_aro.py.
 
 
 # ----------------------------------------------------------------------------- rotation_every

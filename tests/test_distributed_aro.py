@@ -86,7 +86,10 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
         inner = model.module
     opt = make_aro(inner)
     odist.STATS.reset()
-    dist_workers.train(model, opt, range(dist_workers.STEPS))
+    if scenario == "fsdp":
+        _train_and_checkpoint(model, opt, out)
+    else:
+        dist_workers.train(model, opt, range(dist_workers.STEPS))
     sharded = [odist.is_dtensor(s["rotation"]) for s in opt.state.values() if "rotation" in s]
     torch.save(
         {
@@ -99,6 +102,34 @@ def _worker(rank: int, world: int, port: int, scenario: str, out: str) -> None:
     )
     dist.barrier()
     os._exit(0)  # skip gloo teardown, which intermittently aborts (see dist_workers.worker)
+
+
+def _train_and_checkpoint(model: nn.Module, opt: orthotorch.ARO, out: str) -> None:
+    # (The FSDP scenario: its 5 steps are the comparison run and the checkpoint's source.)
+    """3 steps, a torch.distributed.checkpoint save of model and optimizer, 2 more steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    dist_workers.train(model, opt, range(3))
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(out, "ckpt"))
+    dist_workers.train(model, opt, range(3, dist_workers.STEPS))
+
+
+def resume_single_process(out: str) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Load the 2-rank sharded checkpoint into one plain process and finish the run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = make_model()
+    opt = make_aro(model)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(out, "ckpt"))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dist_workers.train(model, opt, range(3, dist_workers.STEPS))
+    steps = [s["step"] for s in opt.state.values() if "rotation" in s]
+    return dist_workers.full_state(model), steps
 
 
 def run(scenario: str, tmp_path: Path) -> list[dict]:
@@ -131,6 +162,15 @@ def test_aro_matches_single_process_and_splits_work(scenario: str, tmp_path: Pat
         assert_close_to(rots, r["rotations"])
         # Sharded parameters get sharded rotations (no rank holds every full rotation).
         assert all(r["rotation_is_dtensor"]) == (scenario == "fsdp")
+    # Every rank holds the same (replicated or gathered) rotations, bit for bit.
+    for name, R in results[0]["rotations"].items():
+        assert torch.equal(R, results[1]["rotations"][name]), name
     per_step = [r["stats"]["matrices_processed"] / dist_workers.STEPS for r in results]
     assert sum(per_step) == matrices
     assert max(per_step) - min(per_step) <= 1
+    if scenario == "fsdp":
+        # The FSDP run saved a torch.distributed.checkpoint after step 3: the sharded rotations
+        # (row layout) reshard into one plain process, which continues identically.
+        resumed, steps = resume_single_process(str(tmp_path))
+        assert_close_to(results[0]["params"], resumed)
+        assert steps == [dist_workers.STEPS] * matrices  # step counts were restored too
