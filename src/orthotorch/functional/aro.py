@@ -19,6 +19,12 @@ to unit RMS, a few times. Steepest descent under ``f``'s norm is taken in the co
 matches AdamW's typical update RMS (as ``match_rms_adamw`` does for Muon), so AdamW's learning
 rate and weight decay carry over.
 
+Cost per matrix: four ``m x m`` by ``m x n`` products, one ``m x m`` Householder QR (float32:
+QR has no bf16 kernel and the rotation is carried from step to step), and ``f`` twice, each
+``f`` a few elementwise passes plus ``2 iters`` matrix-vector products. ``refresh=False`` in
+:func:`aro_kernel` keeps ``R_t = R_{t-1}`` (no QR, two products): the optimizer's opt-in
+``rotation_every`` approximation.
+
 Reference: Gong et al., "ARO: A New Lens On Matrix Optimization For Large Models" (2026,
 arXiv:2602.09006; claims ~1.3x sample efficiency over AdamW and ~1.1x over Muon in LLM
 pretraining); ``shared/ALGORITHMS.md`` ("ARO").

@@ -33,12 +33,13 @@ class ARO(OrthogonalOptimizer):
     rounds), so the update has RMS 1 and ``s = rms_scale = 0.2`` matches AdamW's update RMS:
     AdamW's learning rate and weight decay carry over. The rotation ``R`` (``k x k``, ``k`` the
     smaller side of the matrix; tall weights are rotated on the right) is per-matrix state,
-    refreshed from the momentum every step, computed in float32 (float64 for float64
-    parameters) and stored in the parameter's dtype under ``state["rotation"]`` in *row layout*:
-    ``R``'s entries row-major and zero-padded as a ``(rows, ceil(k^2 / rows))`` matrix, which is
-    ``R`` itself for wide and square weights (:func:`~orthotorch.functional.aro.rotation_from_rows`
-    recovers it; zeros stand for ``R_0 = I``). Weights with more than two dimensions are
-    handled as ``(shape[0], prod(shape[1:]))`` matrices. The math is in
+    refreshed from the momentum every ``rotation_every`` steps (default: every step), computed
+    in float32 (float64 for float64 parameters) and stored in the parameter's dtype under
+    ``state["rotation"]`` in *row layout*: ``R``'s entries row-major and zero-padded as a
+    ``(rows, ceil(k^2 / rows))`` matrix, which is ``R`` itself for wide and square weights
+    (:func:`~orthotorch.functional.aro.rotation_from_rows` recovers it; zeros stand for
+    ``R_0 = I``); ``state["step"]`` counts the updates. Weights with more than two dimensions
+    are handled as ``(shape[0], prod(shape[1:]))`` matrices. The math is in
     :mod:`orthotorch.functional.aro`.
 
     Distribution: the rotation travels with the momentum through
@@ -50,7 +51,8 @@ class ARO(OrthogonalOptimizer):
     The row layout is the same with and without sharding, so ``torch.distributed.checkpoint``
     state reshards across world sizes.
 
-    Reference: "ARO: adaptively rotated optimization"; Scetbon et al., "Gradient
+    Reference: Gong et al., "ARO: A New Lens On Matrix Optimization For Large Models" (2026,
+    arXiv:2602.09006); Scetbon et al., "Gradient
     Multi-Normalization for Stateless and Scalable LLM Training" (2025) for ``f``.
 
     Args:
