@@ -206,6 +206,9 @@ def pack(M: Tensor, R_rows: Tensor) -> Tensor:
     return torch.cat([M.to(R_rows.dtype), R_rows], dim=-1)
 
 
+_CPU_LOOP_FROM = 1 << 16  # packed entries per matrix from which the CPU kernel loops
+
+
 def aro_kernel(
     X: Tensor, transposed: bool = False, *, iters: int = 5, refresh: bool = True
 ) -> Tensor:
@@ -219,9 +222,11 @@ def aro_kernel(
     P = X.mT if transposed else X
     cols = param_cols(P.shape[-2], P.shape[-1])
     out = torch.empty(P.shape, dtype=P.dtype, device=P.device)
-    if P.ndim == 3 and P.device.type == "cpu":
-        # On CPU a loop beats batching: 2-D GEMMs are ~20% faster than bmm (as in
-        # newton_schulz), and one matrix's temporaries stay in cache for the elementwise passes.
+    if P.ndim == 3 and P.device.type == "cpu" and P.shape[-2] * P.shape[-1] >= _CPU_LOOP_FROM:
+        # On CPU a loop beats batching for large matrices: 2-D GEMMs are ~20% faster than bmm
+        # (as in newton_schulz), and one matrix's temporaries stay in cache for the elementwise
+        # passes. Small ones are dominated by per-op overhead, which batching shares (measured,
+        # 8 packed matrices, 1 thread: 128x256 loop 13.5 vs batch 8.0 ms, 256x512 33.7 vs 45.7).
         for i in range(P.shape[0]):
             _aro_packed(P[i], out[i], cols, iters, refresh)
     else:
