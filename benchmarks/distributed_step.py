@@ -101,6 +101,10 @@ def worker(
     ortho_bytes = sum(p.numel() * 4 for _, p in hidden)
     if rank == 0:
         queue.put((statistics.median(times), statistics.median(sent), ortho_bytes))
+        # put() hands the item to a feeder thread; os._exit below would kill that thread
+        # before it writes, leaving the parent waiting for a result that never comes.
+        queue.close()
+        queue.join_thread()
     dist.barrier()
     # Skip gloo teardown, which intermittently aborts after the work is done.
     os._exit(0)
