@@ -90,17 +90,25 @@ def sinkhorn_scalings(
     # Divide by max |Y| before anything is squared, so that no finite Y overflows (the squares
     # of entries above ~1e19 are inf in float32). Then mean(Ya^2) >= 1 / (mn), and the
     # remaining 1 / rms(Ya) <= sqrt(mn) is folded into the (bounded) scalings.
-    # (amax and amin: two plain reductions are ~8x faster than the inf-norm kernel on CPU.)
-    dims = (-2, -1)
-    peak = torch.maximum(Y.amax(dim=dims, keepdim=True), Y.amin(dim=dims, keepdim=True).neg_())
+    # (aminmax, or amax and amin: plain reductions are ~8x faster than the inf-norm kernel.)
+    if Y.ndim == 2:
+        lo, hi = torch.aminmax(Y)  # one read (per-dim aminmax takes only a single dim)
+        peak = torch.maximum(hi, lo.neg())
+    else:
+        peak = torch.maximum(
+            Y.amax(dim=(-2, -1), keepdim=True), Y.amin(dim=(-2, -1)).neg_()[..., None, None]
+        )
     Ya = Y / (peak + tiny)
-    ms = torch.linalg.vector_norm(Ya, dim=dims, keepdim=True).square_().div_(m * n)
-    ms = ms.clamp_min_(tiny)  # an all-zero Y: Ya = 0 whatever the scale
     S = Ya.square()
+    # Round 1 starts from c = 1, so its row sums of S also give mean(Ya^2) (no extra pass);
+    # an all-zero Y has Ya = 0 whatever the clamp.
+    rowsums = S.sum(dim=-1, keepdim=True)
+    ms = (rowsums.sum(dim=-2, keepdim=True) / (m * n)).clamp_min_(tiny)
     r = torch.ones_like(Y[..., :, :1])
     c = torch.ones_like(Y[..., :1, :])
-    for _ in range(iters):
-        r = ((S @ c.square().mT) / (n * ms)).sqrt_().add_(eps).reciprocal_()
+    for i in range(iters):
+        row_ms = rowsums if i == 0 else S @ c.square().mT
+        r = (row_ms / (n * ms)).sqrt_().add_(eps).reciprocal_()
         c = ((r.square().mT @ S) / (m * ms)).sqrt_().add_(eps).reciprocal_()
     return Ya, r, c / ms.sqrt()
 
@@ -190,10 +198,18 @@ def rotation_to_rows(R: Tensor, rows: int) -> Tensor:
 
 
 def rotation_from_rows(S: Tensor, k: int) -> Tensor:
-    """Inverse of :func:`rotation_to_rows`; an all-zero stored rotation becomes ``I``."""
-    R = S.reshape(*S.shape[:-2], -1)[..., : k * k].reshape(*S.shape[:-2], k, k)
-    unset = R.abs().amax(dim=(-2, -1), keepdim=True) == 0
-    return torch.where(unset, torch.eye(k, dtype=R.dtype, device=R.device), R)
+    """Inverse of :func:`rotation_to_rows`; an all-zero stored rotation becomes ``I``.
+
+    Returns a new tensor (``S`` is never modified). "Unset" is read from the first row alone:
+    a row of an orthogonal matrix has norm 1, so only the zero state has a zero first row.
+    """
+    flat = S.reshape(*S.shape[:-2], -1)
+    if flat.data_ptr() == S.data_ptr() and flat.numel():  # a view (S contiguous): copy
+        flat = flat.clone()
+    R = flat[..., : k * k].view(*S.shape[:-2], k, k)
+    unset = (R[..., 0, :] == 0).all(dim=-1, keepdim=True).to(R.dtype)
+    R.diagonal(dim1=-2, dim2=-1).add_(unset)
+    return R
 
 
 def pack(M: Tensor, R_rows: Tensor) -> Tensor:
