@@ -39,14 +39,16 @@ from .root import (
     guard_coefficients,
     root_schedule,
 )
-from .spectral import spectral_clip, spectral_clip_reference
+from .spectral import CLIP_ROUTES, ClipRoute, spectral_clip, spectral_clip_reference
 
 __all__ = [
+    "CLIP_ROUTES",
     "JIACHENG_COEFFICIENTS",
     "MUON_COEFFICIENTS",
     "POLAR_EXPRESS_COEFFICIENTS",
     "ROOT_COEFFICIENTS",
     "ROOT_GUARDED_COEFFICIENTS",
+    "ClipRoute",
     "OrthogonalizationMethod",
     "available_methods",
     "check_matrix_input",
