@@ -105,3 +105,14 @@ def test_selection_rejects_bad_norm_and_basis() -> None:
         select_columns(torch.randn(4, 8), None, 2, norm="max")
     with pytest.raises(ValueError, match="basis must be 8x8"):
         select_columns(torch.randn(4, 8), torch.eye(4), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_rows_give_zero_scores(dtype: torch.dtype) -> None:
+    """Regression: MKL's FFT raised on a 0-row input, which an FSDP2 row shard can be when a
+    tall weight has fewer rows than ranks; the empty shard must simply contribute nothing."""
+    G = torch.zeros(0, 12, dtype=dtype)
+    assert dct(G).shape == (0, 12)
+    scores = dct_column_scores(G)
+    assert scores.shape == (12,) and scores.dtype == dtype
+    assert torch.equal(scores, torch.zeros(12, dtype=dtype))

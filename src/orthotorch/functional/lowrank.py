@@ -246,10 +246,6 @@ def _dct_find(X: Tensor, rank: int, options: Mapping[str, Any]) -> Tensor:
 def _dct_row_scores(G_rows: Tensor, options: Mapping[str, Any]) -> Tensor:
     # Column j's score over rows a:b; squared for l2 so that blocks add up to ||G q_j||^2.
     norm = options.get("score_norm", "l2")
-    if G_rows.shape[-2] == 0:
-        # An empty row shard (fewer rows than ranks) adds nothing; MKL's FFT rejects it.
-        dtype = torch.float64 if G_rows.dtype == torch.float64 else torch.float32
-        return torch.zeros(G_rows.shape[-1], dtype=dtype, device=G_rows.device)
     scores = dct_column_scores(G_rows, norm)
     return scores.square() if norm == "l2" else scores
 

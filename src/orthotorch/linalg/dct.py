@@ -123,6 +123,11 @@ def _half_spectrum(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     perm, w_re, w_im = _twiddles(n, dtype, x.device)
     # index_select also makes a transposed (non-contiguous) input contiguous, in the same pass.
     v = x.index_select(-1, perm).to(dtype)
+    if v.numel() == 0:
+        # MKL's FFT rejects an empty batch (an FSDP2 row shard can hold 0 rows).
+        spectrum_shape = (*v.shape[:-1], n // 2 + 1)
+        complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+        return v.new_zeros(spectrum_shape, dtype=complex_dtype), w_re, w_im
     return torch.fft.rfft(v), w_re, w_im
 
 
