@@ -52,6 +52,12 @@ BUILDERS = {
     "orthotorch.ARO": lambda hidden, adamw: orthotorch.ARO(
         [{"params": hidden}, {"params": adamw, "algorithm": "adamw"}], lr=1e-3
     ),
+    # Not the default: the four matrix products on bf16 operands (as Muon's Newton–Schulz).
+    "orthotorch.ARO bf16": lambda hidden, adamw: orthotorch.ARO(
+        [{"params": hidden}, {"params": adamw, "algorithm": "adamw"}],
+        lr=1e-3,
+        matmul_dtype=torch.bfloat16,
+    ),
     # Not the default: the rotation (QR + half the products) refreshed every 4th step only.
     "orthotorch.ARO every=4": lambda hidden, adamw: orthotorch.ARO(
         [{"params": hidden}, {"params": adamw, "algorithm": "adamw"}], lr=1e-3, rotation_every=4
@@ -61,6 +67,7 @@ TARGETS = (
     ("SPECTRA(AdamW)", "torch.optim.AdamW", 1.5),
     ("SPECTRA hidden only", "torch.optim.AdamW", 1.5),
     ("orthotorch.ARO", "orthotorch.Muon", 1.5),
+    ("orthotorch.ARO bf16", "orthotorch.Muon", 1.5),
 )
 GROUPS = {
     "spectra": ("torch.optim.AdamW", "SPECTRA"),

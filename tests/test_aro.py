@@ -6,6 +6,8 @@ tests/optim_db.py.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -199,3 +201,60 @@ def test_rotation_every_one_is_the_default_algorithm() -> None:
 def test_rotation_every_must_be_a_positive_int(bad) -> None:
     with pytest.raises(ValueError, match=rf"rotation_every must be a positive int, got {bad!r}"):
         orthotorch.ARO([nn.Parameter(torch.randn(4, 4))], rotation_every=bad)
+
+
+# ----------------------------------------------------------------------------- matmul_dtype
+@pytest.mark.parametrize("shape", [(48, 144), (144, 48)])
+def test_bf16_products_stay_close_to_float32(shape: tuple[int, int]) -> None:
+    """bf16 operands (QR and scalings float32): the direction within 2% (relative Frobenius;
+    measured 0.4% for full-rank, well-conditioned momenta), the rotation still orthogonal to
+    float32 precision and within 1e-2 of float32's, everything returned in float32."""
+    gen = torch.Generator().manual_seed(3)
+    k = min(shape)
+    M = torch.randn(2, *shape, generator=gen)
+    R = torch.linalg.qr(torch.randn(2, k, k, generator=gen))[0]
+    P = torch.stack([pack(M[j], rotation_to_rows(R[j], shape[0])) for j in range(2)])
+    transposed = P.shape[-2] > P.shape[-1]
+    X = P.mT if transposed else P
+    ref, low = aro_kernel(X, transposed), aro_kernel(X, transposed, dtype=torch.bfloat16)
+    assert low.dtype == torch.float32 and low.shape == ref.shape
+    assert torch.equal(aro_kernel(X, transposed, dtype=torch.float32), ref)
+    ref, low = (ref.mT, low.mT) if transposed else (ref, low)
+    D, D_low = ref[..., : shape[1]], low[..., : shape[1]]
+    assert ((D_low - D).norm() / D.norm()).item() < 2e-2
+    for j in range(2):
+        R_ref = rotation_from_rows(ref[j, :, shape[1] :], k)
+        R_low = rotation_from_rows(low[j, :, shape[1] :], k)
+        assert torch.allclose(R_low.T @ R_low, torch.eye(k), atol=1e-5)
+        assert (R_low - R_ref).abs().max().item() < 1e-2
+
+
+def test_bf16_optimizer_keeps_float32_state_and_tracks_float32() -> None:
+    torch.manual_seed(0)
+    W1 = nn.Parameter(torch.randn(40, 96))
+    W2 = nn.Parameter(W1.detach().clone())
+    a = orthotorch.ARO([W1], lr=0.05)
+    b = orthotorch.ARO([W2], lr=0.05, matmul_dtype=torch.bfloat16)
+    for _ in range(3):
+        g = torch.randn(40, 96)
+        W1.grad, W2.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    state = b.state[W2]
+    assert W2.dtype == state["momentum_buffer"].dtype == state["rotation"].dtype == torch.float32
+    R = rotation_from_rows(state["rotation"], 40)
+    assert torch.allclose(R.T @ R, torch.eye(40), atol=1e-5)
+    # Three steps of lr * 0.2 = 1e-2 RMS each; bf16 moves the weights by under 2% of that.
+    assert (W2 - W1).square().mean().sqrt().item() < 2e-2 * 3 * 1e-2
+
+
+@pytest.mark.parametrize("bad", [torch.float16, torch.int8, "bf16"])
+def test_matmul_dtype_must_be_float32_or_bfloat16(bad) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"matmul_dtype must be None, torch.float32, torch.bfloat16; got "
+        + re.escape(repr(bad)),
+    ):
+        orthotorch.ARO([nn.Parameter(torch.randn(4, 4))], matmul_dtype=bad)
+    with pytest.raises(ValueError, match=r"dtype must be None or one of torch.float32, torch.bf"):
+        aro_kernel(pack(torch.randn(4, 6), torch.zeros(4, 4)), dtype=bad)

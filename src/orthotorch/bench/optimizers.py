@@ -283,6 +283,26 @@ register_optimizer(
 )
 
 
+def _aro_bf16(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
+    return ARO(
+        _groups(model_or_groups),
+        lr=lr,
+        weight_decay=0.0,
+        adamw_lr=adamw_lr,
+        matmul_dtype=torch.bfloat16,
+    )
+
+
+register_optimizer(
+    OptimizerSpec(
+        "aro-bf16",
+        _aro_bf16,
+        lr={"bytelm": 1e-3, "digits": 3e-3, "matrix": 1e-3, "*": 1e-3},
+        description="orthotorch.ARO with matmul_dtype=bf16 (QR, scalings, state float32)",
+    )
+)
+
+
 def _orthotorch(cls: type, **options: Any) -> OptimizerFactory:
     """Factory for an orthotorch optimizer over :func:`orthotorch.param_groups` groups."""
 

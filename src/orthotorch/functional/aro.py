@@ -25,6 +25,16 @@ QR has no bf16 kernel and the rotation is carried from step to step), and ``f`` 
 :func:`aro_kernel` keeps ``R_t = R_{t-1}`` (no QR, two products): the optimizer's opt-in
 ``rotation_every`` approximation.
 
+``dtype=torch.bfloat16`` in :func:`aro_kernel` (the optimizer's ``matmul_dtype``) runs the four
+products on bf16 operands (each output rounded to bf16, accumulated in float32 by the GEMM),
+as Muon runs Newton–Schulz: ~3-6x the float32 GEMM throughput on CPUs with AVX512-bf16 and on
+GPUs. The QR, the Sinkhorn scalings (their reductions and matrix-vector products), the final
+column scaling and the stored rotation stay float32. The price is precision: ``R^T M`` is
+known to ~``2^-8`` relative, far above :data:`SINKHORN_EPS`, so for a momentum of rank ``< k``
+the rows that are rounding noise get normalised to (near) unit RMS instead of staying at
+``~1e-3``: a full-rank momentum (the usual case after a few steps of large batches) is unaffected,
+but use float32 when the momentum can be rank-deficient.
+
 Reference: Gong et al., "ARO: A New Lens On Matrix Optimization For Large Models" (2026,
 arXiv:2602.09006; claims ~1.3x sample efficiency over AdamW and ~1.1x over Muon in LLM
 pretraining); ``shared/ALGORITHMS.md`` ("ARO").
@@ -49,6 +59,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "MATMUL_DTYPES",
     "RMS_SCALE",
     "SINKHORN_EPS",
     "aro_kernel",
@@ -148,11 +159,27 @@ def _qr_q(A: Tensor) -> Tensor:
     return Q * signs.unsqueeze(-2)
 
 
-def rotation_update(M: Tensor, R: Tensor, iters: int = 5) -> Tensor:
-    """``R_t = Q(QR(M f(R_{t-1}^T M)^T))`` with ``diag`` of the triangular factor ``>= 0``."""
-    Ya, r, c = sinkhorn_scalings(R.mT @ M, iters)
+MATMUL_DTYPES = (torch.float32, torch.bfloat16)  # valid dtype= of aro_kernel besides None
+
+
+def _mm(A: Tensor, B: Tensor, dtype: torch.dtype | None, out: torch.dtype) -> Tensor:
+    """``A @ B`` on ``dtype`` operands (``None``: as they are), returned in dtype ``out``."""
+    if dtype is None:
+        return (A @ B).to(out)
+    return (A.to(dtype) @ B.to(dtype)).to(out)
+
+
+def rotation_update(
+    M: Tensor, R: Tensor, iters: int = 5, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``R_t = Q(QR(M f(R_{t-1}^T M)^T))`` with ``diag`` of the triangular factor ``>= 0``.
+
+    ``dtype``: operand dtype of the two matrix products (see :func:`aro_kernel`); the QR and
+    ``f``'s scalings are computed in ``R``'s dtype.
+    """
+    Ya, r, c = sinkhorn_scalings(_mm(R.mT, M, dtype, R.dtype), iters)
     # M f(Y)^T = M diag(c) Y_a^T diag(r): scale M's columns, the m x m product's columns after.
-    return _qr_q(((M * c) @ Ya.mT).mul_(r.mT))
+    return _qr_q(_mm(M * c.to(M.dtype), Ya.mT, dtype, R.dtype).mul_(r.mT))
 
 
 def rotation_layout(shape: tuple[int, int]) -> tuple[int, int]:
@@ -226,15 +253,28 @@ _CPU_LOOP_FROM = 1 << 16  # packed entries per matrix from which the CPU kernel 
 
 
 def aro_kernel(
-    X: Tensor, transposed: bool = False, *, iters: int = 5, refresh: bool = True
+    X: Tensor,
+    transposed: bool = False,
+    *,
+    iters: int = 5,
+    refresh: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The map_matrices kernel: ``[M | R_{t-1}] -> [R_t f(R_t^T M) | R_t]``, batched.
 
     ``X`` is a stack of packed matrices (:func:`pack`) in map_matrices' wide orientation
     (``transposed``: stored as ``P^T``); the result has the same layout. ``refresh=False``
     keeps ``R_t = R_{t-1}`` (no QR, half the matrix products): the optimizer's
-    ``rotation_every > 1`` approximation.
+    ``rotation_every > 1`` approximation. ``dtype``: operand dtype of the matrix products,
+    ``None`` (``X``'s dtype) or one of :data:`MATMUL_DTYPES` (bf16: see the module docstring;
+    float16 is excluded because the Sinkhorn scalings reach ``sqrt(mn) / eps``, beyond its
+    range). Everything else, the output included, is computed in ``X``'s dtype.
     """
+    if dtype is not None and dtype not in MATMUL_DTYPES:
+        valid = ", ".join(str(d) for d in MATMUL_DTYPES)
+        raise ValueError(f"dtype must be None or one of {valid}; got {dtype!r}")
+    if dtype == X.dtype:
+        dtype = None
     P = X.mT if transposed else X
     cols = param_cols(P.shape[-2], P.shape[-1])
     out = torch.empty(P.shape, dtype=P.dtype, device=P.device)
@@ -244,13 +284,15 @@ def aro_kernel(
         # passes. Small ones are dominated by per-op overhead, which batching shares (measured,
         # 8 packed matrices, 1 thread: 128x256 loop 13.5 vs batch 8.0 ms, 256x512 33.7 vs 45.7).
         for i in range(P.shape[0]):
-            _aro_packed(P[i], out[i], cols, iters, refresh)
+            _aro_packed(P[i], out[i], cols, iters, refresh, dtype)
     else:
-        _aro_packed(P, out, cols, iters, refresh)
+        _aro_packed(P, out, cols, iters, refresh, dtype)
     return out.mT if transposed else out
 
 
-def _aro_packed(P: Tensor, out: Tensor, cols: int, iters: int, refresh: bool) -> None:
+def _aro_packed(
+    P: Tensor, out: Tensor, cols: int, iters: int, refresh: bool, dtype: torch.dtype | None
+) -> None:
     """Write ``[R_t f(R_t^T M) | R_t rows]`` of the packed ``P`` (parameter orientation) to
     ``out``."""
     rows = P.shape[-2]
@@ -259,12 +301,15 @@ def _aro_packed(P: Tensor, out: Tensor, cols: int, iters: int, refresh: bool) ->
     M = P[..., :cols]
     M = M.mT if tall else M  # the rotation acts on the smaller side
     R = rotation_from_rows(P[..., cols:], k)
+    if dtype is not None:
+        M = M.to(dtype)  # one conversion for the three products that read M
     if refresh:
-        R = rotation_update(M, R, iters)
-    Ya, r, c = sinkhorn_scalings(R.mT @ M, iters)
-    # R f(Y) = (R diag(r)) Y_a diag(c); the last scaling writes straight into the packed output.
+        R = rotation_update(M, R, iters, dtype)
+    Ya, r, c = sinkhorn_scalings(_mm(R.mT, M, dtype, R.dtype), iters)
+    # R f(Y) = (R diag(r)) Y_a diag(c); the last scaling writes straight into the packed output
+    # (in R's dtype: type promotion makes the bf16 product's scaling a float32 multiply).
     D = out[..., :cols]
-    torch.mul((R * r.mT) @ Ya, c, out=D.mT if tall else D)
+    torch.mul(_mm(R * r.mT, Ya, dtype, dtype or Ya.dtype), c, out=D.mT if tall else D)
     out[..., cols:] = rotation_to_rows(R, rows)
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import distributed as dist
 from ..functional import Bucket, matrix_shape
-from ..functional.aro import RMS_SCALE, aro_kernel, pack, rotation_layout
+from ..functional.aro import MATMUL_DTYPES, RMS_SCALE, aro_kernel, pack, rotation_layout
 from ._base import OrthogonalOptimizer, check_range
 
 __all__ = ["ARO"]
@@ -68,6 +68,11 @@ class ARO(OrthogonalOptimizer):
             half of the matrix products; an approximation in the spirit of Shampoo/SOAP's
             preconditioner frequency (the cost and quality trade-off is in
             ``benchmarks/spectra_aro.py`` and the report of issue 7).
+        matmul_dtype: operand dtype of the four matrix products per step (``None``: the
+            compute dtype, float32, or float64 for float64 parameters; ``torch.bfloat16``: as
+            Muon's ``ns_dtype``, several times faster on bf16-capable hardware). QR, the
+            Sinkhorn scalings and the state stay float32 (see :mod:`orthotorch.functional.aro`
+            for the precision caveat with rank-deficient momenta).
         betas, eps: AdamW hyperparameters of ``"adamw"`` groups.
         adamw_lr: default ``lr`` of ``"adamw"`` groups that set none (``None``: ``lr``).
         check_finite: raise on NaN/Inf gradients before changing anything.
@@ -91,6 +96,7 @@ class ARO(OrthogonalOptimizer):
         sinkhorn_iters: int = 5,
         rms_scale: float = RMS_SCALE,
         rotation_every: int = 1,
+        matmul_dtype: torch.dtype | None = None,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         *,
@@ -106,6 +112,7 @@ class ARO(OrthogonalOptimizer):
             "sinkhorn_iters": sinkhorn_iters,
             "rms_scale": rms_scale,
             "rotation_every": rotation_every,
+            "matmul_dtype": matmul_dtype,
             "betas": betas,
             "eps": eps,
         }
@@ -127,6 +134,10 @@ class ARO(OrthogonalOptimizer):
         every = group["rotation_every"]
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"{label}: rotation_every must be a positive int, got {every!r}")
+        dtype = group["matmul_dtype"]
+        if dtype is not None and dtype not in MATMUL_DTYPES:
+            valid = ", ".join(str(d) for d in MATMUL_DTYPES)
+            raise ValueError(f"{label}: matmul_dtype must be None, {valid}; got {dtype!r}")
 
     def _init_state(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
@@ -170,7 +181,12 @@ class ARO(OrthogonalOptimizer):
             chosen = [i for i, f in enumerate(refresh) if f == flag]
             if not chosen:
                 continue
-            kernel = partial(aro_kernel, iters=group["sinkhorn_iters"], refresh=flag)
+            kernel = partial(
+                aro_kernel,
+                iters=group["sinkhorn_iters"],
+                refresh=flag,
+                dtype=group["matmul_dtype"],
+            )
             buckets = dist.map_matrices(
                 [packed[i] for i in chosen], kernel, compute, self.distributed
             )
