@@ -317,11 +317,12 @@ def scenario_lowrank_no_hang(rank: int, world: int, out: str, names: str) -> Non
     from torch.distributed.tensor import Replicate
 
     replicated = nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Replicate()]))
-    try:
-        optimizer_class("DCTAdamW")[0]([replicated])
-        results["layout_error"] = ""
-    except ValueError as err:
-        results["layout_error"] = str(err)
+    for variant in ("DCTAdamW", "Muon"):
+        try:
+            optimizer_class(variant)[0]([replicated])
+            results[f"layout_error_{variant}"] = ""
+        except ValueError as err:
+            results[f"layout_error_{variant}"] = str(err)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 

@@ -170,6 +170,11 @@ class OrthogonalOptimizer(Optimizer):
                     "weights. Put biases, norms and other 1-D parameters in an 'adamw' group, "
                     "e.g. with orthotorch.param_groups(model)."
                 )
+            # Checked here, not at the first step: a layout the sharded paths cannot handle
+            # would otherwise surface as a hang or a shape error inside a collective.
+            reason = distributed.unsupported_layout(p)
+            if reason is not None:
+                raise ValueError(f"{label}: parameter {self._param_label(group, i)}: {reason}")
         self._validate_orthogonal_group(group, label)
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:

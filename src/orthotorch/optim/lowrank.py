@@ -127,9 +127,6 @@ class _LowRankAdamW(OrthogonalOptimizer):
             except ValueError as err:
                 raise ValueError(f"{label}: {err}") from None
         for i, p in enumerate(group["params"]):
-            reason = distributed.unsupported_layout(p)
-            if reason is not None:
-                raise ValueError(f"{label}: parameter {self._param_label(group, i)}: {reason}")
             shape = matrix_shape(p.shape)
             try:
                 resolve_rank(group["rank"], shape)
