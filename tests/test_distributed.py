@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,16 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(scenario: str, tmp_path: Path, name: str = "Muon") -> list[dict]:
-    """Run a scenario on WORLD spawned ranks; a hang fails the test after TIMEOUT_S."""
+def spawn_ranks(
+    target: Callable[..., None], args: Callable[[int, int], tuple], out: Path, what: str
+) -> list[dict]:
+    """Run ``target(*args(rank, port))`` on WORLD spawned ranks and load each ``rank{r}.pt``
+    from ``out``; a hang fails the test after TIMEOUT_S instead of blocking the suite."""
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [
-        ctx.Process(
-            target=dist_workers.worker, args=(rank, WORLD, port, scenario, str(tmp_path), name)
-        )
-        for rank in range(WORLD)
-    ]
+    procs = [ctx.Process(target=target, args=args(rank, port)) for rank in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -41,9 +40,19 @@ def run(scenario: str, tmp_path: Path, name: str = "Muon") -> list[dict]:
     hung = [p for p in procs if p.is_alive()]
     for p in hung:
         p.kill()
-    assert not hung, f"scenario {scenario!r} hung for {TIMEOUT_S}s"
+    assert not hung, f"{what} hung for {TIMEOUT_S}s"
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def run(scenario: str, tmp_path: Path, name: str = "Muon") -> list[dict]:
+    """Run a :mod:`dist_workers` scenario on WORLD spawned ranks."""
+    return spawn_ranks(
+        dist_workers.worker,
+        lambda rank, port: (rank, WORLD, port, scenario, str(tmp_path), name),
+        tmp_path,
+        f"scenario {scenario!r}",
+    )
 
 
 def assert_close_to(reference: dict, params: dict) -> None:

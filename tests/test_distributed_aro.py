@@ -14,7 +14,6 @@ equal). In float64 the same runs agree to 2e-12, which checks the distribution e
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 from pathlib import Path
 
@@ -25,13 +24,11 @@ from torch import nn
 import dist_workers
 import orthotorch
 from orthotorch import distributed as odist
-from test_distributed import assert_close_to, free_port
+from test_distributed import WORLD, assert_close_to, spawn_ranks
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
 )
-WORLD = 2
-TIMEOUT_S = 120
 
 
 def make_aro(model: nn.Module, **kwargs) -> orthotorch.ARO:
@@ -133,22 +130,12 @@ def resume_single_process(out: str) -> tuple[dict[str, torch.Tensor], list[int]]
 
 
 def run(scenario: str, tmp_path: Path) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(rank, WORLD, port, scenario, str(tmp_path)))
-        for rank in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung, f"scenario {scenario!r} hung for {TIMEOUT_S}s"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(
+        _worker,
+        lambda rank, port: (rank, WORLD, port, scenario, str(tmp_path)),
+        tmp_path,
+        f"scenario {scenario!r}",
+    )
 
 
 @pytest.mark.parametrize("scenario", ["fsdp", "ddp"])

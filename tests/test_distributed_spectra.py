@@ -8,7 +8,6 @@ norms that occur), so every clip changes the result and is split across the rank
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from torch import nn
 import dist_workers
 import orthotorch
 from orthotorch import distributed as odist
-from test_distributed import TIMEOUT_S, WORLD, assert_close_to, free_port
+from test_distributed import WORLD, assert_close_to, spawn_ranks
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available(), reason="torch.distributed is not available"
@@ -74,22 +73,12 @@ def worker(rank: int, port: int, scenario: str, out: str, route: str) -> None:
 
 
 def run(scenario: str, tmp_path: Path, route: str) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [
-        ctx.Process(target=worker, args=(rank, port, scenario, str(tmp_path), route))
-        for rank in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-    assert not hung, f"scenario {scenario!r} hung for {TIMEOUT_S}s"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(
+        worker,
+        lambda rank, port: (rank, port, scenario, str(tmp_path), route),
+        tmp_path,
+        f"scenario {scenario!r}",
+    )
 
 
 @pytest.mark.parametrize(
