@@ -10,6 +10,9 @@ the only one before), and the default with the embedding and head left to plain 
 (batched as SPECTRA batches it), so that the wrapper's own cost (copy of X_k, recovery of U,
 re-application) is the rest.
 
+ARO rows: the default (float32 products), ``matmul_dtype=torch.bfloat16`` (then also the
+kernel's per-step deviation from float32 on the reference shapes) and ``rotation_every=4``.
+
     python benchmarks/spectra_aro.py [--repeats 10] [--device cpu] [--layers 4] [--only spectra]
         [--threads 1]
 """
@@ -108,6 +111,47 @@ def kernel_breakdown(device: str, repeats: int, sync) -> None:
     print("  total        " + " ".join(f"{total[r] * 1e3:8.1f}" for r in routes))
 
 
+def aro_bf16_deviation(device: str, steps: int) -> None:
+    """Per step, ``||D_bf16 - D_f32|| / ||D_f32||`` of the ARO kernel on each reference shape.
+
+    Both kernels get the same input: the float32 trajectory's momentum (random gradients, as the
+    timed rows) and rotation, so the error does not compound; the median over the matrices of a
+    shape is printed per step. Random gradients give full-rank momenta; square ones are the
+    ill-conditioned case (the QR input's small singular directions decide R's last columns).
+    """
+    from orthotorch.functional.aro import aro_kernel, pack
+
+    hidden, _ = reference_named_parameters(0, device)
+    mats = [p for _, p in hidden if p.ndim == 2]
+    momenta = [torch.zeros_like(p) for p in mats]
+    rotations: list[torch.Tensor | None] = [None] * len(mats)
+    print("ARO kernel, bf16 products vs float32: relative deviation of the direction per step")
+    for step in range(steps):
+        set_random_gradients(mats, seed=step)
+        by_shape: dict[tuple[int, int], list[float]] = {}
+        for i, p in enumerate(mats):
+            momenta[i].lerp_(p.grad, 0.05)
+            rows, cols = p.shape
+            k = min(rows, cols)
+            R = rotations[i]
+            if R is None:
+                R = torch.zeros(rows, -(-(k * k) // rows), device=device)
+            P = pack(momenta[i], R)
+            tall = P.shape[0] > P.shape[1]
+            X = P.mT if tall else P
+            full = aro_kernel(X, tall)
+            low = aro_kernel(X, tall, dtype=torch.bfloat16)
+            full, low = (full.mT, low.mT) if tall else (full, low)
+            D, D_low = full[:, :cols], low[:, :cols]
+            dev = ((D_low - D).norm() / D.norm()).item()
+            by_shape.setdefault((rows, cols), []).append(dev)
+            rotations[i] = full[:, cols:].clone()
+        cells = "  ".join(
+            f"{m}x{n}: {statistics.median(v):.2e}" for (m, n), v in sorted(by_shape.items())
+        )
+        print(f"  step {step + 1}: {cells}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per optimizer")
@@ -172,6 +216,8 @@ def main() -> None:
         print(f"orthotorch.ARO every=4 (mean) / orthotorch.Muon: {ratio:.2f}x")
     if args.only in (None, "spectra"):
         kernel_breakdown(args.device, args.repeats, sync)
+    if args.only in (None, "aro"):
+        aro_bf16_deviation(args.device, steps=4)
 
 
 if __name__ == "__main__":
