@@ -136,8 +136,8 @@ class ARO(OrthogonalOptimizer):
             raise ValueError(f"{label}: rotation_every must be a positive int, got {every!r}")
         dtype = group["matmul_dtype"]
         if dtype is not None and dtype not in MATMUL_DTYPES:
-            valid = ", ".join(str(d) for d in MATMUL_DTYPES)
-            raise ValueError(f"{label}: matmul_dtype must be None, {valid}; got {dtype!r}")
+            names = ", ".join(str(d).removeprefix("torch.") for d in MATMUL_DTYPES)
+            raise ValueError(f"{label}: matmul_dtype must be None or one of {names}, got {dtype!r}")
 
     def _init_state(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
