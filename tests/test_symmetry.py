@@ -50,8 +50,10 @@ def test_row_norm_permutes_rows_and_commutes_with_column_rotations(shape) -> Non
     torch.testing.assert_close(
         rule("row_norm", M @ Q), rule("row_norm", M) @ Q, atol=1e-6, rtol=1e-5
     )
+    # Equal row norms, scaled so that the whole update has the polar factor's Frobenius norm.
     norms = rule("row_norm", M).norm(dim=1)
-    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-6, rtol=0)
+    expected = min(1.0, shape[1] / shape[0]) ** 0.5
+    torch.testing.assert_close(norms, torch.full_like(norms, expected), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -77,6 +79,40 @@ def test_centered_row_norm_ignores_a_common_row_shift(shape) -> None:
     torch.testing.assert_close(rule("centered_row_norm", M[perm]), out[perm], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["row_norm", "col_norm", "centered_row_norm", "left_spectral"])
+@pytest.mark.parametrize("shape", [(12, 7), (7, 12), (9, 9), (40, 10), (10, 40)])
+def test_every_rule_has_the_polar_factors_frobenius_norm(name: str, shape) -> None:
+    # The optimizer's shape scale and lr are calibrated for the spectral rule; a rule with a
+    # larger norm on tall (row_norm) or wide (col_norm) matrices silently takes bigger steps.
+    M = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    expected = polar(M).norm()
+    # left_spectral's ridge shrinks the weakest directions of a random square matrix a little.
+    rtol = 2e-3 if name == "left_spectral" else 1e-6
+    torch.testing.assert_close(rule(name, M).norm(), expected, atol=0, rtol=rtol)
+
+
+def test_rows_and_columns_without_momentum_are_left_unchanged() -> None:
+    # Embedding rows of tokens never seen have exactly zero momentum: the normalised update must
+    # stay exactly zero there (no 0/0, no eps-sized step), for the row and column rules.
+    M = torch.randn(10, 6, dtype=torch.float64)
+    M[[1, 4, 7]] = 0.0
+    assert torch.isfinite(rule("row_norm", M)).all()
+    assert (rule("row_norm", M)[[1, 4, 7]] == 0).all()
+    assert (rule("col_norm", M.mT)[:, [1, 4, 7]] == 0).all()
+    embed = nn.Embedding(10, 6)
+    before = embed.weight.detach().clone()
+    opt = orthotorch.Muon(
+        orthotorch.param_groups(embed, policy="symmetry"), lr=0.1, weight_decay=0.0
+    )
+    for _ in range(3):
+        embed(torch.tensor([0, 2, 3, 5])).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    unused = [1, 4, 6, 7, 8, 9]
+    assert torch.equal(embed.weight.detach()[unused], before[unused])
+    assert not torch.equal(embed.weight.detach()[[0, 2]], before[[0, 2]])
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_left_spectral_is_equivariant_and_close_to_polar(shape) -> None:
     M = torch.randn(*shape, dtype=torch.float64)
@@ -98,7 +134,9 @@ def test_rules_in_the_optimizer_use_the_parameter_orientation() -> None:
     )
     tall.grad = torch.randn(20, 6)
     opt.step()
-    delta = (before - tall.detach()) / (20 / 6) ** 0.5
+    # Rows of norm sqrt(6/20) (the polar factor's Frobenius norm) times the shape scale
+    # sqrt(20/6): unit rows; the wrong orientation would have normalised the columns instead.
+    delta = before - tall.detach()
     torch.testing.assert_close(delta.norm(dim=1), torch.ones(20), atol=1e-5, rtol=0)
 
 

@@ -19,14 +19,20 @@ rule                   update (parameter orientation, M: rows x cols)  equivaria
 ``left_spectral``      ``(M M^T + delta I)^(-1/2) M`` (small side)     left and right rotations
 =====================  ===========================================  ========================
 
-Row- and column-normalised updates have the polar factor's Frobenius norm ``sqrt(rows)`` (resp.
-``sqrt(cols)``), so the optimizer's shape scales keep their meaning.
+The registered row (column) rules rescale the unit rows (columns) by ``sqrt(min(1, cols/rows))``
+(``sqrt(min(1, rows/cols))``), so every rule's update has the polar factor's Frobenius norm
+``sqrt(min(rows, cols))`` and the optimizer's shape scale and headline lr mean the same step RMS
+for every rule. Unit rows of a tall matrix would have ``sqrt(rows)``: an update
+``sqrt(rows/cols)`` times the spectral rule's RMS (2x on a 4x-wide MLP's up and down projections,
+which made them diverge from the lr tuned for the attention matrices). A constant factor keeps
+every equivariance property.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -69,6 +75,18 @@ def left_inverse_sqrt(M: Tensor, ridge: float = GRAM_RIDGE) -> Tensor:
     return (inv_sqrt @ work).to(M.dtype)
 
 
+def _polar_frobenius(
+    fn: Callable[[Tensor], Tensor], axis: Literal["rows", "cols"]
+) -> Callable[[Tensor], Tensor]:
+    """``fn`` (unit rows or columns) rescaled to the polar factor's Frobenius norm."""
+
+    def scaled(M: Tensor) -> Tensor:
+        rows, cols = M.shape[-2:]
+        return fn(M) * math.sqrt(min(rows, cols) / (rows if axis == "rows" else cols))
+
+    return scaled
+
+
 def _in_param_orientation(fn):
     """Apply ``fn`` to the parameters' own orientation of a (possibly transposed) stack."""
 
@@ -91,16 +109,22 @@ def _prepare(fn, *, orientation_free: bool = False) -> Any:
     return prepare
 
 
-for _name, _fn, _text in (
-    ("row_norm", normalize_rows, "each row normalised (embeddings, LM head, gate/up projections)"),
-    ("col_norm", normalize_cols, "each column normalised (down projections)"),
+for _name, _fn, _axis, _text in (
+    (
+        "row_norm",
+        normalize_rows,
+        "rows",
+        "each row normalised (embeddings, LM head, gate/up projections)",
+    ),
+    ("col_norm", normalize_cols, "cols", "each column normalised (down projections)"),
     (
         "centered_row_norm",
         centered_normalize_rows,
+        "rows",
         "mean row removed, then rows normalised (LM head, MoE routers: softmax shift-invariant)",
     ),
 ):
-    register_update_rule(UpdateRule(_name, _prepare(_fn), _text))
+    register_update_rule(UpdateRule(_name, _prepare(_polar_frobenius(_fn, _axis)), _text))
 # The stacks are wide, so the Gram matrix is taken on the small side: full rank, cheap, and the
 # result (the polar factor on the well-conditioned directions) does not depend on orientation.
 register_update_rule(
