@@ -94,3 +94,39 @@ def test_groups_work_with_torch_optimizers_and_describe() -> None:
         line for line in orthotorch.describe(opt).splitlines() if line.startswith("block.1.weight")
     )
     assert row.split() == ["block.1.weight", "64x16", "muon", "spectral", "64x16", "1.6"]
+
+
+def test_lr_scale_gives_roles_their_own_lr_and_describe_shows_it() -> None:
+    model = TinyLM(False)
+    groups = orthotorch.param_groups(
+        model, policy="symmetry", lr=0.02, lr_scale={"block.1.*": 0.25, "embed.*": 0.5}
+    )
+    lr_of = {n: g["lr"] for g in groups if g.get("algorithm") != "adamw" for n, _ in g["params"]}
+    assert lr_of["block.1.weight"] == 0.02 * 0.25 and lr_of["embed.weight"] == 0.02 * 0.5
+    assert lr_of["head.weight"] == 0.02
+    # Same rule, different scale: separate groups, each keeping its update rule.
+    scaled = next(g for g in groups if any(n == "block.1.weight" for n, _ in g["params"]))
+    assert scaled["lr_scale"] == 0.25 and [n for n, _ in scaled["params"]] == ["block.1.weight"]
+    row = next(
+        line for line in orthotorch.describe(groups).splitlines() if line.startswith("block.1.w")
+    )
+    assert row.split()[-1] == "0.5"  # shape scale 2 (64x16) times lr_scale 0.25
+    opt = orthotorch.Muon(groups, lr=1.0)  # the groups' own lr wins over the default
+    assert sorted({g["lr"] for g in opt.param_groups if g.get("algorithm") != "adamw"}) == [
+        0.005,
+        0.01,
+        0.02,
+    ]
+    assert orthotorch.param_groups(model, lr=0.02, lr_scale={}) == orthotorch.param_groups(
+        model, lr=0.02
+    )
+
+
+def test_bad_lr_scale_raises() -> None:
+    model = TinyLM(False)
+    with pytest.raises(ValueError, match="lr_scale scales the orthogonalized groups' lr"):
+        orthotorch.param_groups(model, lr_scale={"*": 0.5})
+    with pytest.raises(ValueError, match=r"lr_scale\['\*'\] must be a positive finite number"):
+        orthotorch.param_groups(model, lr=0.02, lr_scale={"*": 0.0})
+    with pytest.raises(TypeError, match=r"lr_scale\['\*'\] must be a number, got '1'"):
+        orthotorch.param_groups(model, lr=0.02, lr_scale={"*": "1"})

@@ -12,6 +12,7 @@ routing uses module types and tied weights:
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -106,6 +107,7 @@ def param_groups(
     *,
     policy: Policy = "default",
     route: Mapping[str, str] | None = None,
+    lr_scale: Mapping[str, float] | None = None,
     adamw: Mapping[str, Any] | None = None,
     **orthogonal: Any,
 ) -> list[dict[str, Any]]:
@@ -119,6 +121,12 @@ def param_groups(
             ``centered_row_norm``, MLP gate/up ``row_norm``, down ``col_norm``, attention and
             other matrices ``spectral``); only 1-D parameters get AdamW.
         route: glob pattern -> ``"orthogonal"``/``"adamw"``/update-rule name, first match wins.
+        lr_scale: glob pattern -> multiplier of ``lr`` for the orthogonalized parameters it
+            matches (first match wins), e.g. ``{"*.up.*": 0.25, "*.down.*": 0.25}``: a role
+            (not only a rule) gets its own lr, as the embedding and the MLP up projection share
+            ``row_norm`` but not a step size. Needs ``lr``; each scale becomes its own group
+            with ``lr = lr * scale`` and an ``"lr_scale"`` key that :func:`describe` shows.
+            The AdamW group's lr is ``adamw={"lr": ...}``.
         adamw: options for the AdamW group (``lr``, ``betas``, ``eps``, ``weight_decay``).
         **orthogonal: options for the orthogonalized group(s) (``lr``, ``ns_method``, ...).
 
@@ -128,17 +136,41 @@ def param_groups(
         (with its ``"update"`` key; none for ``"orthogonal"``) and one ``"adamw"`` group. Empty
         groups are left out. ``torch.optim`` optimizers accept them too (extra keys ignored).
     """
+    scales = _check_lr_scale(lr_scale, orthogonal)
     routed = route_parameters(model, route, policy)
-    targets = list(dict.fromkeys(t for _, _, t, _ in routed if t != "adamw"))
+
+    def scale_of(name: str) -> float:
+        return next((v for pat, v in scales.items() if fnmatch.fnmatchcase(name, pat)), 1.0)
+
+    keys = list(dict.fromkeys((t, scale_of(n)) for n, _, t, _ in routed if t != "adamw"))
     groups = []
-    for target in targets:
-        members = [(n, p) for n, p, t, _ in routed if t == target]
-        extra = {} if target == "orthogonal" else {"update": target}
+    for target, scale in keys:
+        members = [(n, p) for n, p, t, _ in routed if t == target and scale_of(n) == scale]
+        extra: dict[str, Any] = {} if target == "orthogonal" else {"update": target}
+        if scales:
+            extra.update(lr=orthogonal["lr"] * scale, lr_scale=scale)
         groups.append({"params": members, **orthogonal, **extra})
     plain = [(n, p) for n, p, t, _ in routed if t == "adamw"]
     if plain:
         groups.append({"params": plain, **dict(adamw or {}), "algorithm": "adamw"})
     return groups
+
+
+def _check_lr_scale(
+    lr_scale: Mapping[str, float] | None, orthogonal: Mapping[str, Any]
+) -> dict[str, float]:
+    if not lr_scale:
+        return {}
+    if not isinstance(lr_scale, Mapping):
+        raise TypeError(f"lr_scale must map glob patterns to floats, got {type(lr_scale).__name__}")
+    if "lr" not in orthogonal:
+        raise ValueError("lr_scale scales the orthogonalized groups' lr: pass lr=... as well")
+    for pattern, value in lr_scale.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"lr_scale[{pattern!r}] must be a number, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"lr_scale[{pattern!r}] must be a positive finite number, got {value}")
+    return {str(k): float(v) for k, v in lr_scale.items()}
 
 
 def _group_entries(groups: Iterable[Mapping[str, Any]]) -> list[tuple[str, Tensor, Mapping]]:
@@ -156,7 +188,7 @@ def _group_entries(groups: Iterable[Mapping[str, Any]]) -> list[tuple[str, Tenso
 
 def describe(groups_or_optimizer: Any) -> str:
     """A readable table of which parameter went where: name, shape, group, update rule, matrix
-    shape and learning-rate scale.
+    shape and learning-rate scale (the shape scale times the group's ``lr_scale``).
 
     Accepts the output of :func:`param_groups` or an optimizer (then group defaults such as
     ``adjust_lr`` are the optimizer's own).
@@ -172,6 +204,7 @@ def describe(groups_or_optimizer: Any) -> str:
         else:
             mshape = matrix_shape(p.shape)
             scale = shape_scale(mshape, group.get("adjust_lr", "original"))
+            scale *= group.get("lr_scale", 1.0)
             update = str(group.get("update", "spectral"))
             rows.append(
                 (name, shape, algorithm, update, f"{mshape[0]}x{mshape[1]}", f"{scale:.4g}")
