@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 import orthotorch
 
 
@@ -132,6 +134,11 @@ OPTIMIZERS += [
             ({"sinkhorn_iters": 0}, r"sinkhorn_iters must be a positive int, got 0"),
             ({"sinkhorn_iters": 2.5}, r"sinkhorn_iters must be a positive int, got 2.5"),
             ({"rms_scale": 0.0}, r"rms_scale must be a number in \(0.0, inf\)"),
+            ({"rotation_every": 0}, r"rotation_every must be a positive int"),
+            (
+                {"matmul_dtype": torch.float16},
+                r"matmul_dtype must be None or one of float32, bfloat16",
+            ),
             ({"betas": (0.9, 1.5)}, r"betas\[1\] must be a number in \[0.0, 1.0\)"),
             ({"eps": 0.0}, r"eps must be a number in \(0.0, inf\)"),
             ({"adamw_lr": -3e-3}, r"adamw_lr must be a number"),
