@@ -349,3 +349,19 @@ def test_gradient_overflow_is_a_clear_error_not_nan() -> None:
     with pytest.raises(ValueError, match=r"gradient overflowed in torch\.float32; scale X"):
         est.fit(Y)
     assert not hasattr(est, "components_")
+
+
+def test_negative_stride_numpy_input_is_accepted() -> None:
+    """Reversed views (negative strides) are valid numpy input for any scikit-learn estimator,
+    but ``torch.from_numpy`` refuses them: fit, transform, inverse_transform and ``dict_init``
+    crashed with a torch error instead of using the data."""
+    X = np.random.default_rng(0).standard_normal((40, 6))
+    D = haar(6, 3)[:4]
+    ref = Est(4, dict_init=D.copy(), max_iter=2, shuffle=False).fit(X[::-1].copy())
+    est = Est(4, dict_init=D[::-1][::-1], max_iter=2, shuffle=False).fit(X[::-1])
+    np.testing.assert_allclose(est.components_, ref.components_, atol=1e-12)
+    est = Est(4, dict_init=D[:, ::-1], max_iter=1).fit(X[:, ::-1])
+    codes = est.transform(X[::-1])
+    np.testing.assert_allclose(codes, est.transform(X[::-1].copy()))
+    back = est.inverse_transform(codes)
+    np.testing.assert_allclose(est.inverse_transform(codes[::-1]), back[::-1])

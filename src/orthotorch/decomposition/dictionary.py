@@ -302,6 +302,15 @@ def _as_tensor(X: Any, what: str = "X") -> Tensor:
     return X
 
 
+def _from_numpy(arr: np.ndarray) -> Tensor:
+    """``torch.from_numpy`` for any validated array; we never write to it."""
+    if not arr.flags.writeable or any(step < 0 for step in arr.strides):
+        # torch.from_numpy warns on read-only memory and refuses negative strides (reversed
+        # views), both valid scikit-learn input: a copy is the price.
+        arr = arr.copy()
+    return torch.from_numpy(arr)
+
+
 class OnlineOrthogonalDictionaryLearning(
     ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
 ):
@@ -427,11 +436,7 @@ class OnlineOrthogonalDictionaryLearning(
                 )
             return X, True
         X = _validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
-        if not X.flags.writeable:
-            # torch.from_numpy warns on read-only memory; we never write to X, so a copy is
-            # only the price of silence for memory-mapped input.
-            X = X.copy()
-        return torch.from_numpy(X), False
+        return _from_numpy(X), False
 
     def _resolve_k(self, n_features: int) -> int:
         k = n_features if self.n_components is None else self.n_components
@@ -456,7 +461,7 @@ class OnlineOrthogonalDictionaryLearning(
             D = (
                 _as_tensor(D, "dict_init")
                 if isinstance(D, Tensor)
-                else torch.from_numpy(
+                else _from_numpy(
                     check_array(D, dtype=[np.float64, np.float32], input_name="dict_init")
                 )
             )
@@ -593,7 +598,7 @@ class OnlineOrthogonalDictionaryLearning(
             codes, as_torch = _as_tensor(X, "codes"), True
         else:
             arr = check_array(X, dtype=[np.float64, np.float32])
-            codes, as_torch = torch.from_numpy(arr if arr.flags.writeable else arr.copy()), False
+            codes, as_torch = _from_numpy(arr), False
         if codes.shape[1] != k:
             raise ValueError(
                 f"codes have {codes.shape[1]} columns, but {type(self).__name__} has "
