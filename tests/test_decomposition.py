@@ -365,3 +365,16 @@ def test_negative_stride_numpy_input_is_accepted() -> None:
     np.testing.assert_allclose(codes, est.transform(X[::-1].copy()))
     back = est.inverse_transform(codes)
     np.testing.assert_allclose(est.inverse_transform(codes[::-1]), back[::-1])
+
+
+def test_rank_deficient_dict_init_is_rejected() -> None:
+    """A ``dict_init`` with linearly dependent rows has no orthonormal polar factor: the partial
+    isometry has rows of norm < 1, duplicated atoms get identical gradients forever, and
+    ``components_`` silently never had orthonormal rows. It must be a clear ValueError."""
+    X = np.random.default_rng(0).standard_normal((50, 8))
+    D = np.eye(8)[:4].copy()
+    D[1] = D[0]
+    with pytest.raises(ValueError, match="dict_init must have full row rank"):
+        Est(4, dict_init=D, max_iter=1).fit(X)
+    with pytest.raises(ValueError, match="dict_init must have full row rank"):
+        Est(4, dict_init=torch.zeros(4, 8)).partial_fit(torch.from_numpy(X))

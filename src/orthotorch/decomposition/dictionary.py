@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from orthotorch.linalg import available_methods, orthogonalize, polar
+from orthotorch.linalg import available_methods, orthogonality_error, orthogonalize, polar
 
 try:
     from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
@@ -471,7 +471,15 @@ class OnlineOrthogonalDictionaryLearning(
                     f"got {tuple(D.shape)}"
                 )
             # Copy, then project: the user's array is never written to or aliased.
-            return polar(D.to(X.device, X.dtype).clone())
+            W = polar(D.to(X.device, X.dtype).clone())
+            # Dependent rows have no orthonormal polar factor (the partial isometry shrinks them),
+            # and duplicated atoms get identical gradients, so fitting would never repair it.
+            if float(orthogonality_error(W)) > 1e-3:
+                raise ValueError(
+                    "dict_init must have full row rank (n_components linearly independent rows); "
+                    "its rows are linearly dependent, so no orthonormal dictionary is closest to it"
+                )
+            return W
         if self.init == "pca":
             return principal_basis(X, k)
         n = X.shape[1]
