@@ -334,3 +334,21 @@ def test_wrapped_object_must_be_a_torch_optimizer() -> None:
         orthotorch.SPECTRA(orthotorch.SPECTRA(adamw(model)))
     with pytest.raises(ValueError, match=r"param group 0: clip must be a positive finite"):
         orthotorch.SPECTRA(torch.optim.SGD([{"params": model.parameters(), "clip": 0}], lr=0.1))
+
+
+def test_adafactor_weight_decay_is_kept_out_of_the_clip() -> None:
+    """Adafactor decays as ``X *= 1 - lr wd`` (decoupled) but had no ``decoupled_weight_decay``
+    key, so SPECTRA took it for coupled decay and clipped ``lr wd X`` away with the update."""
+    gen = torch.Generator().manual_seed(0)
+    # float64 throughout: float32 rounding of (1 - lr wd) X alone is ~5% of lr c here.
+    W = nn.Parameter(torch.randn(16, 16, generator=gen, dtype=torch.float64))
+    lr, wd, c = 0.1, 0.5, 1e-4
+    base = torch.optim.Adafactor([W], lr=lr, weight_decay=wd)
+    opt = orthotorch.SPECTRA(base, clip=c, dtype=torch.float64)
+    assert orthotorch.optim.spectra.decoupled_weight_decay(opt.optimizer, opt.param_groups[0]) == wd
+    X_k = W.detach().clone()
+    W.grad = torch.randn(16, 16, generator=gen, dtype=torch.float64)
+    opt.step()
+    # Square: alpha = 1, and the clipped update has spectral norm below c.
+    step = W.detach() - (1 - lr * wd) * X_k
+    assert torch.linalg.matrix_norm(step, ord=2) <= lr * c * (1 + 1e-3)

@@ -46,7 +46,8 @@ def decoupled_weight_decay(optimizer: Optimizer, group: dict[str, Any]) -> float
     paper. Coupled (L2) decay goes through the optimizer's normalisation, so it cannot be
     separated from ``U`` and is clipped with it. Known decoupled: orthotorch optimizers, groups
     with ``decoupled_weight_decay=True`` (``AdamW``; ``Adam``/``NAdam``/``RAdam`` with that
-    flag) and ``SGD`` without momentum (``X - lr (G + wd X)`` is the same as decoupled decay).
+    flag), ``Adafactor`` (``X *= 1 - lr wd`` with the group's ``lr``) and ``SGD`` without
+    momentum (``X - lr (G + wd X)`` is the same as decoupled decay).
     """
     wd = float(group.get("weight_decay", 0.0) or 0.0)
     if isinstance(optimizer, OrthogonalOptimizer):
@@ -54,6 +55,8 @@ def decoupled_weight_decay(optimizer: Optimizer, group: dict[str, Any]) -> float
     if "decoupled_weight_decay" in group:
         return wd if group["decoupled_weight_decay"] else 0.0
     if isinstance(optimizer, torch.optim.SGD) and not group.get("momentum", 0.0):
+        return wd
+    if isinstance(optimizer, getattr(torch.optim, "Adafactor", ())):
         return wd
     return 0.0
 
