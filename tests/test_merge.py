@@ -533,3 +533,17 @@ def test_fedsvd_bad_input() -> None:
     with pytest.raises(ValueError, match=r"one rank for every client, got ranks \[3, 2, 4\]"):
         fedavg_lora(loras)
     assert not torch.isnan(loras[1][0]).any()
+
+
+def test_fedsvd_refactor_validates_the_update() -> None:
+    """``fedsvd_refactor`` is public but never checked ``M``: a batched 3-D update came back
+    silently sliced along the wrong axis, a 1-D one died with an IndexError in the rank check and
+    NaN reached ``torch.linalg.svd`` (a LinAlgError, not a ValueError naming ``M``)."""
+    with pytest.raises(ValueError, match=r"2-D floating tensor, got .* \(2, 3, 3\)"):
+        fedsvd_refactor(torch.randn(2, 3, 3), 2)
+    with pytest.raises(ValueError, match=r"M must be a real 2-D floating tensor"):
+        fedsvd_refactor(torch.randn(3), 4)
+    with pytest.raises(ValueError, match=r"M must be a real 2-D floating tensor"):
+        fedsvd_refactor(torch.ones(3, 3, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="M of shape \\(3, 3\\) contains NaN or Inf"):
+        fedsvd_refactor(torch.full((3, 3), float("nan")), 2)

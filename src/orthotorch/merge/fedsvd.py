@@ -46,6 +46,12 @@ def fedsvd_refactor(M: Tensor, rank: int) -> LoRAPair:
     \sigma_k^2`, the least possible for rank ``r`` (Eckart–Young). Computed in float64 for
     float64 input, else float32; returned in ``M``'s dtype.
     """
+    if not isinstance(M, Tensor):
+        raise TypeError(f"M must be a torch.Tensor, got {type(M).__name__}")
+    if M.ndim != 2 or not M.is_floating_point():
+        raise ValueError(f"M must be a real 2-D floating tensor, got {M.dtype} {tuple(M.shape)}")
+    if not bool(torch.isfinite(M).all()):
+        raise ValueError(f"M of shape {tuple(M.shape)} contains NaN or Inf")
     _check_rank(rank, tuple(M.shape))
     compute = torch.float64 if M.dtype == torch.float64 else torch.float32
     U, S, Vh = torch.linalg.svd(M.to(compute), full_matrices=False)
