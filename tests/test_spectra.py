@@ -352,3 +352,25 @@ def test_adafactor_weight_decay_is_kept_out_of_the_clip() -> None:
     # Square: alpha = 1, and the clipped update has spectral norm below c.
     step = W.detach() - (1 - lr * wd) * X_k
     assert torch.linalg.matrix_norm(step, ord=2) <= lr * c * (1 + 1e-3)
+
+
+def test_finite_check_syncs_with_the_host_once() -> None:
+    """The NaN/Inf pre-check copied every gradient norm to the host separately (one
+    device->host sync per parameter on accelerators), not once per step as documented."""
+    params = [nn.Parameter(torch.randn(4, 4)) for _ in range(10)]
+    opt = orthotorch.SPECTRA(torch.optim.SGD(params, lr=0.1), clip=1.0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    calls = []
+    original = torch.Tensor.cpu
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.shape)
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.cpu = counting  # type: ignore[method-assign]
+    try:
+        opt.step()
+    finally:
+        torch.Tensor.cpu = original  # type: ignore[method-assign]
+    assert len(calls) == 1, calls

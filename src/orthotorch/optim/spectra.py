@@ -114,7 +114,8 @@ class SPECTRA(Optimizer):
             (``"eigh"`` of the small-side Gram matrix on the CPU, matmul-only ``"gram"``
             Newton–Schulz elsewhere), ``"gram"``, ``"eigh"`` or ``"polar"``.
         check_finite: raise :class:`~orthotorch.optim.NonFiniteGradientError` on NaN/Inf
-            gradients before the base step, changing nothing (one host sync per step).
+            gradients before the base step, changing nothing (one host sync per step and
+            device).
         distributed: ``"auto"`` or ``"off"``; see :class:`~orthotorch.optim.OrthogonalOptimizer`.
 
     A closure is evaluated once by the wrapper, then the base step runs without it: optimizers
@@ -251,10 +252,16 @@ class SPECTRA(Optimizer):
             return
         grads = [distributed.local(p.grad) for _, _, p in named]
         params = [p for _, _, p in named]
-        # One reduction per tensor and one host sync: the 2-norm is cheap and is non-finite
-        # whenever an entry is (or on overflow, which the exact check below then clears).
-        norms = torch._foreach_norm(grads, 2)
-        suspect = ~torch.stack([n.float().cpu() for n in norms]).isfinite().all()
+        # One reduction per tensor and one host sync per device: the 2-norm is cheap and is
+        # non-finite whenever an entry is (or on overflow, which the exact check below then
+        # clears). Stacked on the device first: a ``.cpu()`` per norm is a sync per parameter.
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        suspect = torch.tensor(False)
+        for device_grads in by_device.values():
+            norms = torch._foreach_norm(device_grads, 2)
+            suspect |= ~torch.stack([n.float() for n in norms]).isfinite().all().cpu()
         if not bool(distributed.any_rank(suspect.view(1), params, self.distributed)):
             return
         bad = torch.tensor([not bool(torch.isfinite(g).all()) for g in grads])
