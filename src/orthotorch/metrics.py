@@ -148,17 +148,23 @@ def _prepare(
                     f"{name} has {int(zero.sum())} zero rows; cosine similarity is undefined "
                     "for them"
                 )
-        Q = torch.nn.functional.normalize(Q, dim=1)
-        G = torch.nn.functional.normalize(G, dim=1)
+        # No normalisation (it rounds integer codes, and then GEMM order decides their ties):
+        # per-row power-of-two rescaling is exact, leaves the cosine ranking alone and keeps
+        # the squares in _scores away from overflow and |g|^2 away from underflow.
+        Q = torch.ldexp(Q, -torch.frexp(Q.abs().amax(1, keepdim=True)).exponent)
+        G = torch.ldexp(G, -torch.frexp(G.abs().amax(1, keepdim=True)).exponent)
     return Q, yq.to(Q.device), G, yg.to(Q.device), chunk_size
 
 
-def _scores(Q: Tensor, G: Tensor, G_sq: Tensor | None) -> Tensor:
-    """Similarity, higher is better: cosine of normalised rows, or minus squared distance."""
+def _scores(Q: Tensor, G: Tensor, G_sq: Tensor, metric: str) -> Tensor:
+    """Per query row, a score ranking the gallery like the metric (higher is better): for
+    cosine ``sign(c) c^2 / |g|^2`` with ``c = q . g`` (monotone in ``c / (|q| |g|)`` for a fixed
+    query), for euclidean minus the squared distance."""
     inner = Q @ G.mT
-    if G_sq is None:
-        return inner
-    # Expanded form: exact for integer-valued inputs (so exact ties stay ties) and one GEMM.
+    # Both forms are exact for integer-valued (or dyadic) inputs, whatever the GEMM order, so
+    # exact ties stay ties for any chunk size; one GEMM each.
+    if metric == "cosine":
+        return inner * inner.abs() / G_sq
     return -(Q.square().sum(1, keepdim=True) + G_sq - 2.0 * inner).clamp_min(0.0)
 
 
@@ -198,11 +204,11 @@ def _evaluate(
     Q, yq, G, yg, chunk = _prepare(
         query, query_labels, gallery, gallery_labels, metric, exclude_self, chunk_size
     )
-    G_sq = G.square().sum(1) if metric == "euclidean" else None
+    G_sq = G.square().sum(1)
     ranks, aps = [], []
     for start in range(0, Q.shape[0], chunk):
         stop = min(start + chunk, Q.shape[0])
-        S = _scores(Q[start:stop], G, G_sq)
+        S = _scores(Q[start:stop], G, G_sq, metric)
         relevant = yq[start:stop, None] == yg[None, :]
         if exclude_self:
             rows = torch.arange(stop - start, device=S.device)
