@@ -374,3 +374,19 @@ def test_finite_check_syncs_with_the_host_once() -> None:
     finally:
         torch.Tensor.cpu = original  # type: ignore[method-assign]
     assert len(calls) == 1, calls
+
+
+def test_load_state_dict_validates_settings_before_changing_anything() -> None:
+    """A checkpoint with a bad method changed ``clip`` before raising, and one with an invalid
+    route/dtype pair loaded silently and raised only at the next ``step()``."""
+    model = nn.Linear(4, 4)
+    opt = orthotorch.SPECTRA(adamw(model), clip=10.0)
+    good = opt.state_dict()
+    bad = dict(good, spectra=dict(good["spectra"], clip=0.5, method="nope"))
+    with pytest.raises(ValueError, match=r"unknown orthogonalization method 'nope'"):
+        opt.load_state_dict(bad)
+    assert opt.clip == 10.0
+    bad = dict(good, spectra=dict(good["spectra"], dtype=torch.bfloat16, route="eigh"))
+    with pytest.raises(ValueError, match=r"route 'eigh' computes in float32 or float64"):
+        opt.load_state_dict(bad)
+    assert (opt.route, opt.dtype) == ("auto", torch.float32)

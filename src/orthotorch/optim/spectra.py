@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from .. import distributed
 from ..functional import apply_buckets_
-from ..linalg import get_method, resolve_compute
+from ..linalg import resolve_compute
 from ..linalg.spectral import (
     DEFAULT_POLISH_STEPS,
     ClipRoute,
@@ -305,14 +305,19 @@ class SPECTRA(Optimizer):
         settings = state_dict.pop("spectra", None)
         if settings is not None:
             clip, pre = settings["clip"], settings["pre_clip"]
-            self.clip = None if clip is None else check_clip(clip, "clip")
-            self.pre_clip = None if pre is None else check_clip(pre, "pre_clip")
-            get_method(settings["method"])
-            self.method, self.steps = settings["method"], settings["steps"]
-            self.dtype, self.polish_steps = settings["dtype"], settings["polish_steps"]
+            clip = None if clip is None else check_clip(clip, "clip")
+            pre = None if pre is None else check_clip(pre, "pre_clip")
             # Checkpoints from before ``route`` existed keep the current route.
-            self.route = check_route(settings.get("route", self.route))
+            route = check_route(settings.get("route", self.route))
+            options = (settings["method"], settings["steps"], settings["dtype"])
+            # Validated as a whole before anything is assigned (as in __init__).
+            resolve_compute(*options)
+            spectral_clip_kernel(1.0, *options, settings["polish_steps"], route)
         self.optimizer.load_state_dict(state_dict)
+        if settings is not None:
+            self.clip, self.pre_clip, self.route = clip, pre, route
+            self.method, self.steps, self.dtype = options
+            self.polish_steps = settings["polish_steps"]
         # The base replaces its param_groups list and state on load: share the new ones.
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
