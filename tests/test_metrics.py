@@ -321,3 +321,13 @@ def test_cosine_of_rows_with_extreme_norms_is_finite() -> None:
     Q = np.array([[1e150, 1e-150], [1e-150, 3e-150]])
     got = retrieval_metrics(Q, [0, 1], G, [0, 1, 1], ks=(1,))
     assert got == {"top1": 1.0, "mAP": 1.0, "num_queries": 2}
+
+
+def test_negative_stride_numpy_embeddings_are_accepted() -> None:
+    """Reversed numpy views (``X[::-1]``) are ordinary arrays but ``torch.from_numpy`` refuses
+    negative strides: the metrics raised a torch error instead of evaluating them."""
+    Q, yq, G, yg = random_problem(12, 20, 3, 3, seed=1)
+    ref = retrieval_metrics(Q[::-1].copy(), yq[::-1], G[:, ::-1].copy(), yg, metric="euclidean")
+    assert retrieval_metrics(Q[::-1], yq[::-1], G[:, ::-1], yg, metric="euclidean") == ref
+    report = compatibility_report(Q[::-1], G, Q[::-1], G, yq[::-1], yg, query_transform=lambda x: x)
+    assert report.cross == report.old_old

@@ -51,9 +51,14 @@ _METRICS = ("cosine", "euclidean")
 _CHUNK_ELEMENTS = 1 << 21
 
 
+def _from_numpy(x: np.ndarray) -> Tensor:
+    # torch.from_numpy refuses negative strides (reversed views), valid numpy input.
+    return torch.from_numpy(x.copy() if any(step < 0 for step in x.strides) else x)
+
+
 def _as_embeddings(name: str, x: Any, device: torch.device | None = None) -> Tensor:
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
+        x = _from_numpy(x)
     elif not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
     if x.ndim != 2:
@@ -389,7 +394,7 @@ def _apply(name: str, fn: Callable[[Tensor], Tensor], x: Any) -> Tensor:
     if not callable(fn):
         raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
+        x = _from_numpy(x)
     out = fn(x)
     if not isinstance(out, Tensor):
         raise TypeError(f"{name} must return a torch.Tensor, got {type(out).__name__}")
