@@ -218,3 +218,23 @@ def test_adapter_bad_input() -> None:
         bad.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         OrthonormalAdapter(bad, 2)
+
+
+def test_shared_linear_stays_tied_through_apply_and_merge() -> None:
+    """A Linear used at two places (tied weights) must become ONE adapter at both places.
+
+    Regression: ``named_modules()`` drops duplicates, so only the first place was replaced and
+    the second kept the original, fully trainable Linear: the tie was silently broken.
+    """
+    shared = nn.Linear(4, 4)
+    net = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(3, 4)
+    before = net(x)
+    apply_orthonormal_adapters(net, 2)
+    assert isinstance(net[0], OrthonormalAdapter) and net[2] is net[0]
+    torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+    perturb_(net[0])
+    trained = net(x)
+    merge_orthonormal_adapters(net)
+    assert isinstance(net[0], nn.Linear) and net[2] is net[0]
+    torch.testing.assert_close(net(x), trained, rtol=1e-5, atol=1e-5)

@@ -198,9 +198,11 @@ def apply_orthonormal_adapters(
         # A bare layer can't be replaced in place inside itself: return its adapter.
         return OrthonormalAdapter(model, rank, gamma)
     match, names = _matcher(target)
+    # remove_duplicate=False: a layer shared by several places (tied weights) is found at
+    # each of them, and all of them get the same adapter below, so the tie survives.
     found = [
         (name, module)
-        for name, module in model.named_modules()
+        for name, module in model.named_modules(remove_duplicate=False)
         if name and not isinstance(module, OrthonormalAdapter) and match(name, module)
     ]
     # Modules inside an existing adapter are buffers only; a Linear can't be nested in one.
@@ -216,14 +218,16 @@ def apply_orthonormal_adapters(
                 raise ValueError(f"target {t!r} matched no module of the model")
     if not found:
         raise ValueError("no nn.Linear layer of the model matched the target")
-    adapters = {}
+    adapters: dict[int, OrthonormalAdapter] = {}
     for name, module in found:
+        if id(module) in adapters:
+            continue
         try:
-            adapters[name] = OrthonormalAdapter(module, rank, gamma)
+            adapters[id(module)] = OrthonormalAdapter(module, rank, gamma)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
-    for name, adapter in adapters.items():
-        _set_submodule(model, name, adapter)
+    for name, module in found:
+        _set_submodule(model, name, adapters[id(module)])
     return model
 
 
@@ -231,13 +235,15 @@ def merge_orthonormal_adapters(model: nn.Module) -> nn.Module:
     """Replace every :class:`OrthonormalAdapter` in ``model`` by its merged ``nn.Linear``."""
     if isinstance(model, OrthonormalAdapter):
         return model.merge()
-    merged = {
-        name: module.merge()
-        for name, module in model.named_modules()
+    found = [
+        (name, module)
+        for name, module in model.named_modules(remove_duplicate=False)
         if isinstance(module, OrthonormalAdapter)
-    }
-    for name, linear in merged.items():
-        _set_submodule(model, name, linear)
+    ]
+    # One merged Linear per adapter, set at every place it is used (keeps shared layers tied).
+    merged = {id(module): module.merge() for _, module in found}
+    for name, module in found:
+        _set_submodule(model, name, merged[id(module)])
     return model
 
 
