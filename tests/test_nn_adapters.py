@@ -211,7 +211,7 @@ def test_adapter_bad_input() -> None:
         OrthonormalAdapter(nn.Linear(4, 6), 0)
     with pytest.raises(TypeError, match="rank must be an int"):
         OrthonormalAdapter(nn.Linear(4, 6), 2.0)
-    with pytest.raises(ValueError, match="gamma must be a number >= 0"):
+    with pytest.raises(ValueError, match="gamma must be a finite number >= 0"):
         OrthonormalAdapter(nn.Linear(4, 6), 2, gamma=-1.0)
     bad = nn.Linear(3, 3)
     with torch.no_grad():
@@ -238,3 +238,9 @@ def test_shared_linear_stays_tied_through_apply_and_merge() -> None:
     merge_orthonormal_adapters(net)
     assert isinstance(net[0], nn.Linear) and net[2] is net[0]
     torch.testing.assert_close(net(x), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_infinite_gamma_rejected() -> None:
+    """``gamma=inf`` made every penalty inf (or NaN at an orthonormal point); it must raise."""
+    with pytest.raises(ValueError, match="gamma must be a finite number >= 0"):
+        OrthonormalAdapter(nn.Linear(4, 6), 2, gamma=float("inf"))

@@ -20,6 +20,7 @@ trained factors back into a plain :class:`torch.nn.Linear`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -86,8 +87,9 @@ class OrthonormalAdapter(nn.Module):
             raise ValueError(
                 f"rank must be in [1, min(out_features, in_features)] = [1, {small}], got {rank}"
             )
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
-            raise ValueError(f"gamma must be a number >= 0, got {gamma!r}")
+        ok = isinstance(gamma, (int, float)) and not isinstance(gamma, bool)
+        if not ok or not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
         W = linear.weight.detach()
         if not bool(torch.isfinite(W).all()):
             raise ValueError("linear.weight contains NaN or Inf values")
