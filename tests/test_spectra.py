@@ -390,3 +390,22 @@ def test_load_state_dict_validates_settings_before_changing_anything() -> None:
     with pytest.raises(ValueError, match=r"route 'eigh' computes in float32 or float64"):
         opt.load_state_dict(bad)
     assert (opt.route, opt.dtype) == ("auto", torch.float32)
+
+
+def test_a_step_the_base_skipped_stays_skipped() -> None:
+    """With ``check_finite=False`` (what the NaN error message suggests) over a base with
+    ``skip_nonfinite=True``, the base left the NaN-gradient parameter as it was, but SPECTRA
+    still "clipped" the recovered update ``-lambda X_k`` and moved it (grew it, for tall
+    weights with alpha > 1)."""
+    gen = torch.Generator().manual_seed(0)
+    W = nn.Parameter(torch.randn(32, 8, generator=gen))
+    V = nn.Parameter(torch.randn(8, 8, generator=gen))
+    base = orthotorch.Muon([W, V], lr=0.02, weight_decay=0.1, skip_nonfinite=True)
+    opt = orthotorch.SPECTRA(base, clip=10.0, check_finite=False)
+    W.grad = torch.full_like(W, float("nan"))
+    V.grad = torch.randn(8, 8, generator=gen)
+    W_before, V_before = W.detach().clone(), V.detach().clone()
+    opt.step()
+    assert base.state[W]["nonfinite_skips"] == 1
+    assert torch.equal(W, W_before)
+    assert torch.isfinite(V).all() and not torch.equal(V, V_before)

@@ -222,8 +222,16 @@ class SPECTRA(Optimizer):
             if self._threshold(group, "clip") is not None and lr > 0:
                 wd = decoupled_weight_decay(self.optimizer, group)
                 pending.append((group, params, lr, wd, [p.detach().clone() for p in params]))
+        skips = [[_skips(self.state, p) for p in params] for _, params, *_ in pending]
         self.optimizer.step()
-        for group, params, lr, wd, before in pending:
+        for (group, params, lr, wd, before), counts in zip(pending, skips, strict=True):
+            # A base with skip_nonfinite left these as they were: no update to clip (host
+            # ints, no sync).
+            kept = [i for i, p in enumerate(params) if _skips(self.state, p) == counts[i]]
+            if len(kept) < len(params):
+                params, before = [params[i] for i in kept], [before[i] for i in kept]
+                if not params:
+                    continue
             updates = [
                 recover_update(x, p.detach(), lr, wd) for x, p in zip(before, params, strict=True)
             ]
@@ -335,6 +343,12 @@ class SPECTRA(Optimizer):
             f"method={self.method!r},\n"
             f"  {self.optimizer!r})"
         )
+
+
+def _skips(state: Any, p: Tensor) -> int:
+    """The base's ``"nonfinite_skips"`` count of ``p`` (OrthogonalOptimizer's skip_nonfinite)."""
+    entry = state.get(p)
+    return entry.get("nonfinite_skips", 0) if entry else 0
 
 
 def distributed_modes() -> tuple[str, ...]:
