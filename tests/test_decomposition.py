@@ -378,3 +378,19 @@ def test_rank_deficient_dict_init_is_rejected() -> None:
         Est(4, dict_init=D, max_iter=1).fit(X)
     with pytest.raises(ValueError, match="dict_init must have full row rank"):
         Est(4, dict_init=torch.zeros(4, 8)).partial_fit(torch.from_numpy(X))
+
+
+def test_sparse_codes_validates_its_arguments() -> None:
+    """The public coding function checked nothing but ``None``: a negative soft threshold
+    silently *inflated* every code by ``|alpha|``, ``n_nonzero_coefs <= 0`` gave all-zero codes
+    or a torch RuntimeError, and an unknown mode was reported as a missing threshold."""
+    W, X = torch.eye(3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"mode must be one of \('hard', 'soft', 'topk'\)"):
+        sparse_codes(W, X, "omp")
+    with pytest.raises(ValueError, match=r"threshold must be a non-negative number, got -1\.0"):
+        sparse_codes(W, X, "soft", threshold=-1.0)
+    with pytest.raises(ValueError, match="threshold must be a non-negative number"):
+        sparse_codes(W, X, "hard", threshold=float("nan"))
+    for s in (0, -1):
+        with pytest.raises(ValueError, match=f"n_nonzero_coefs must be a positive int, got {s}"):
+            sparse_codes(W, X, "topk", n_nonzero_coefs=s)

@@ -238,13 +238,22 @@ def sparse_codes(
 
     Returns ``(m, k)`` codes in ``X``'s dtype.
     """
-    C = X @ W.mT
+    if mode not in CODING_ALGORITHMS:
+        raise ValueError(f"mode must be one of {CODING_ALGORITHMS}, got {mode!r}")
     if mode == "topk":
         if n_nonzero_coefs is None:
             raise ValueError("mode='topk' needs n_nonzero_coefs (a positive int)")
-        return _keep_top(C, n_nonzero_coefs)
+        if isinstance(n_nonzero_coefs, bool) or not isinstance(n_nonzero_coefs, Integral):
+            raise TypeError(f"n_nonzero_coefs must be an int, got {type(n_nonzero_coefs).__name__}")
+        if n_nonzero_coefs < 1:
+            raise ValueError(f"n_nonzero_coefs must be a positive int, got {n_nonzero_coefs}")
+        return _keep_top(X @ W.mT, int(n_nonzero_coefs))
     if threshold is None:
         raise ValueError(f"mode={mode!r} needs threshold (a non-negative float)")
+    if not threshold >= 0:
+        # A negative soft threshold would inflate every code instead of shrinking it.
+        raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
+    C = X @ W.mT
     if mode == "hard":
         return C * (C.abs() > threshold)
     if mode == "soft":
