@@ -160,6 +160,12 @@ def test_existence_result_object() -> None:
     assert not orthogonal_conv_exists(16, 64, 3, 1, "valid")  # an isometry needs k == S
 
 
+def test_same_padding_reason_quotes_the_right_bound() -> None:
+    """The CO/'same' reason printed min(S, (k+1)/2) as (k+1)/2: "S=1 <= (k+1)/2=1" for k=5."""
+    verdict = orthogonal_conv_exists(2, 4, 5, 1, "same")
+    assert verdict and "S=1 <= (k+1)/2=3" in verdict.reason
+
+
 def test_gradcheck() -> None:
     K = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda X: conv_orthogonality(X, 1), (K,))

@@ -150,7 +150,8 @@ def orthogonal_conv_exists(
             ok = M <= C * s * s
             why = f"RO case ({case}), same: needs M <= C min(S, (k+1)/2)^2={C * s * s}"
         else:
-            ok, why = S <= (k + 1) // 2, f"CO case ({case}), same: needs S={S} <= (k+1)/2={s}"
+            half = (k + 1) // 2
+            ok, why = S <= half, f"CO case ({case}), same: needs S={S} <= (k+1)/2={half}"
     return OrthogonalConvExistence(
         ok, kind if ok else None, ("satisfied: " if ok else "fails: ") + why
     )
