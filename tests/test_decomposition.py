@@ -394,3 +394,15 @@ def test_sparse_codes_validates_its_arguments() -> None:
     for s in (0, -1):
         with pytest.raises(ValueError, match=f"n_nonzero_coefs must be a positive int, got {s}"):
             sparse_codes(W, X, "topk", n_nonzero_coefs=s)
+
+
+def test_fit_on_a_tensor_that_requires_grad_builds_no_graph() -> None:
+    """Embeddings straight from a model require grad: fit and partial_fit recorded an autograd
+    graph through every Frank–Wolfe step (SVDs included) and kept it, with ``X``, alive in the
+    stored state, so memory grew with the number of steps."""
+    X = torch.randn(120, 8, requires_grad=True)
+    D = torch.from_numpy(haar(8, 0)[:4]).float().requires_grad_()
+    est = Est(4, batch_size=10, max_iter=2, dict_init=D).fit(X)
+    assert not est._W.requires_grad and not est._G.requires_grad
+    est = Est(4, dict_init=D).partial_fit(X[:10]).partial_fit(X[10:20])
+    assert not est._W.requires_grad and not est._G.requires_grad

@@ -518,6 +518,7 @@ class OnlineOrthogonalDictionaryLearning(
     # -- fitting ------------------------------------------------------------------------------
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @torch.no_grad()
     def fit(self, X: Any, y: None = None) -> OnlineOrthogonalDictionaryLearning:
         """Learn the dictionary from ``X`` (``n_samples x n_features``) in mini-batch epochs.
 
@@ -553,6 +554,7 @@ class OnlineOrthogonalDictionaryLearning(
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @torch.no_grad()
     def partial_fit(self, X: Any, y: None = None) -> OnlineOrthogonalDictionaryLearning:
         """One Frank–Wolfe step on the mini-batch ``X``, continuing the running gradient.
 
