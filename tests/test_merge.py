@@ -547,3 +547,33 @@ def test_fedsvd_refactor_validates_the_update() -> None:
         fedsvd_refactor(torch.ones(3, 3, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="M of shape \\(3, 3\\) contains NaN or Inf"):
         fedsvd_refactor(torch.full((3, 3), float("nan")), 2)
+
+
+def test_numpy_and_tensor_weights_and_scales_are_numbers() -> None:
+    """Client weights are typically dataset sizes from numpy (``np.bincount``, ``np.array``):
+    numpy scalars, numpy arrays and tensors were rejected as "must be a sequence of numbers"
+    (FedSVD ``weights``, merge ``weights`` and ``scale``)."""
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(5, 2, generator=g), torch.randn(2, 4, generator=g)) for _ in range(3)]
+    ref = mean_lora_product(pairs, [1.0, 2.0, 3.0])
+    for w in (np.array([1, 2, 3]), [np.int64(1), np.float32(2), 3], torch.tensor([1.0, 2, 3])):
+        assert torch.allclose(mean_lora_product(pairs, w), ref)
+        B, A = fedsvd_aggregate(pairs, 4, weights=w)
+        assert torch.allclose(B @ A, ref, atol=1e-5)
+    base = {"w": torch.randn(3, 3, generator=g)}
+    fts = [{"w": base["w"] + torch.randn(3, 3, generator=g)} for _ in range(2)]
+    ref_avg = average(fts, [1.0, 3.0])["w"]
+    assert torch.allclose(average(fts, np.array([1, 3]))["w"], ref_avg)
+    assert torch.allclose(average(fts, torch.tensor([1.0, 3.0]))["w"], ref_avg)
+    ref_ta = task_arithmetic(base, fts, 0.5)["w"]
+    assert torch.allclose(task_arithmetic(base, fts, np.float32(0.5))["w"], ref_ta)
+    assert torch.allclose(task_arithmetic(base, fts, torch.tensor(0.5))["w"], ref_ta)
+    assert torch.allclose(
+        orthogonal_merge(base, fts, np.array([0.5, 0.5]))["w"],
+        orthogonal_merge(base, fts, 0.5)["w"],
+    )
+    with pytest.raises(ValueError, match="weights must be non-negative"):
+        fedsvd_aggregate(pairs, 2, weights=np.array([1, -1, 1]))
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        task_arithmetic(base, fts, np.float64("nan"))

@@ -23,6 +23,7 @@ Both accept one layer (a list of pairs, one per client) or many (a list of mappi
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -74,10 +75,12 @@ def _check_rank(rank: Any, shape: tuple[int, ...]) -> None:
 def _weights(weights: Any, count: int) -> list[float]:
     if weights is None:
         return [1.0 / count] * count
+    if isinstance(weights, Tensor) or hasattr(weights, "__array__"):
+        weights = weights.tolist()  # numpy arrays / tensors of dataset sizes
     if not isinstance(weights, Sequence) or isinstance(weights, str) or len(weights) != count:
         raise ValueError(f"weights must be a sequence of {count} numbers (one per client)")
     ok = all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+        isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
         for w in weights
     )
     if not ok or sum(weights) <= 0:

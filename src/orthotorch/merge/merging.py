@@ -33,6 +33,7 @@ and other integer buffers) are copied from the base.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -255,10 +256,16 @@ def _selected(keys: KeyFilter, names: Sequence[str]) -> set[str]:
 
 
 def _finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars/arrays and tensors as Python numbers/lists (dataset sizes often are)."""
+    return value.tolist() if isinstance(value, Tensor) or hasattr(value, "__array__") else value
 
 
 def _per_model(value: Any, count: int, name: str) -> list[float]:
+    value = _plain(value)
     if _finite_number(value):
         return [float(value)] * count
     if isinstance(value, Sequence) and not isinstance(value, str):
@@ -272,6 +279,7 @@ def _per_model(value: Any, count: int, name: str) -> list[float]:
 def _weights(weights: Any, count: int) -> list[float]:
     if weights is None:
         return [1.0 / count] * count
+    weights = _plain(weights)
     if not isinstance(weights, Sequence) or isinstance(weights, str):
         raise ValueError(f"weights must be a sequence of {count} numbers, got {weights!r}")
     w = _per_model(weights, count, "weights")
