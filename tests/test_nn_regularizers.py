@@ -239,6 +239,37 @@ def test_penalty_lambda_kind() -> None:
     assert torch.allclose(penalty().double(), expected.double(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", PENALTY_KINDS)
+def test_penalty_checks_finiteness_once_per_call(kind: str, monkeypatch) -> None:
+    """The docstring promises one host sync per call; "lambda" ran the public, validating
+    lambda_orthogonality per group, i.e. one extra isfinite sync per weight group per step."""
+    net = Net()
+    penalty = OrthogonalityPenalty(net, kind)  # type: ignore[arg-type]
+    assert len(penalty._groups) > 1
+    calls = []
+    real = torch.isfinite
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return real(x)
+
+    monkeypatch.setattr(torch, "isfinite", counting)
+    penalty()
+    assert calls == [()]
+
+
+@pytest.mark.parametrize("kind", PENALTY_KINDS)
+def test_penalty_raises_on_nan_weight_for_every_kind(kind: str) -> None:
+    """A NaN weight must never give a finite penalty (the lambda kind's sqrt guard mapped a
+    NaN Gram to d = 0, so its NaN could vanish once the per-group check was gone)."""
+    net = Net()
+    penalty = OrthogonalityPenalty(net, kind)  # type: ignore[arg-type]
+    with torch.no_grad():
+        net.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"not finite.*fc2\.weight"):
+        penalty()
+
+
 def test_penalty_reduces_orthogonality_error_when_minimised() -> None:
     net = Net()
     penalty = OrthogonalityPenalty(net, "soft", weight=1.0)

@@ -76,7 +76,8 @@ def _safe_frobenius(E: Tensor) -> Tensor:
     so no NaN is created.
     """
     sq = E.square().sum(dim=(-2, -1))
-    positive = sq > 0
+    # `!= 0`, not `> 0`: a NaN must reach the output, not be replaced by the zero branch.
+    positive = sq != 0
     safe = torch.where(positive, sq, torch.ones_like(sq))
     return torch.where(positive, safe.sqrt(), torch.zeros_like(sq))
 
@@ -120,6 +121,11 @@ def lambda_orthogonality(weight: Tensor, lam: float = 12.0, alpha: float = 1.0) 
     alpha = _check_number("alpha", alpha, lo=0.0, lo_open=True)
     if not bool(torch.isfinite(weight.detach()).all()):
         raise ValueError(f"weight of shape {tuple(weight.shape)} contains NaN or Inf values")
+    return _lambda_orthogonality(weight, lam, alpha)
+
+
+def _lambda_orthogonality(weight: Tensor, lam: float, alpha: float) -> Tensor:
+    """:func:`lambda_orthogonality` without validation (no host sync), for trusted callers."""
     W = weight.mT if weight.shape[-2] > weight.shape[-1] else weight
     k = W.shape[-2]
     eye = torch.eye(k, dtype=W.dtype, device=W.device)
