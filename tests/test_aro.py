@@ -257,3 +257,14 @@ def test_matmul_dtype_must_be_float32_or_bfloat16(bad) -> None:
         orthotorch.ARO([nn.Parameter(torch.randn(4, 4))], matmul_dtype=bad)
     with pytest.raises(ValueError, match=r"dtype must be None or one of float32, bfloat16, got"):
         aro_kernel(pack(torch.randn(4, 6), torch.zeros(4, 4)), dtype=bad)
+
+
+def test_groups_with_an_update_rule_are_rejected() -> None:
+    """ARO computes its own direction, but accepted groups from
+    ``param_groups(policy="symmetry")`` (``"update": "row_norm"`` ...) and silently ignored
+    the rule."""
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 32), nn.Linear(32, 10))
+    groups = orthotorch.param_groups(model, policy="symmetry", lr=1e-3)
+    with pytest.raises(ValueError, match=r"ARO param group 0 .*update='row_norm'.*own direction"):
+        orthotorch.ARO(groups)
+    orthotorch.ARO(orthotorch.param_groups(model))  # the default policy sets no update rule
