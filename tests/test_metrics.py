@@ -331,3 +331,21 @@ def test_negative_stride_numpy_embeddings_are_accepted() -> None:
     assert retrieval_metrics(Q[::-1], yq[::-1], G[:, ::-1], yg, metric="euclidean") == ref
     report = compatibility_report(Q[::-1], G, Q[::-1], G, yq[::-1], yg, query_transform=lambda x: x)
     assert report.cross == report.old_old
+
+
+def test_euclidean_ranking_survives_a_large_common_offset() -> None:
+    """The expanded ``|q|^2 + |g|^2 - 2 q.g`` cancels catastrophically when the embeddings share
+    an offset much larger than their spread (un-centred features): at offset 1e5 and spread
+    1e-3 the float64 scores were rounding noise and mAP was 0.33 instead of 0.375."""
+    Q, yq, G, yg = random_problem(50, 80, 8, 3, seed=3)
+    Q, G = Q * 1e-3 + 1e5, G * 1e-3 + 1e5
+    got = retrieval_metrics(Q, yq, G, yg, metric="euclidean", ks=(1, 5))
+    tops, ref_map = brute_force(Q, yq, G, yg, (1, 5), "euclidean")
+    assert got["mAP"] == pytest.approx(ref_map, abs=1e-12)
+    assert got["top1"] == pytest.approx(tops["top1"], abs=1e-12)
+    assert got["top5"] == pytest.approx(tops["top5"], abs=1e-12)
+    assert got["mAP"] == pytest.approx(sklearn_map(Q, yq, G, yg, "euclidean"), abs=1e-12)
+    for scale in (1e-200, 1e200):  # squares of the raw values would underflow / overflow
+        Qs, Gs = Q * scale, G * scale
+        got = retrieval_metrics(Qs, yq, Gs, yg, metric="euclidean", ks=(1, 5))
+        assert got["mAP"] == pytest.approx(ref_map, abs=1e-12)

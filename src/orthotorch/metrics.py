@@ -158,6 +158,20 @@ def _prepare(
         # the squares in _scores away from overflow and |g|^2 away from underflow.
         Q = torch.ldexp(Q, -torch.frexp(Q.abs().amax(1, keepdim=True)).exponent)
         G = torch.ldexp(G, -torch.frexp(G.abs().amax(1, keepdim=True)).exponent)
+    else:
+        # One exact power-of-two scale for both sets keeps the squares in _scores finite (the
+        # ranking is scale invariant). The expanded distance also cancels catastrophically
+        # under an offset much larger than the spread: shifting both sets by the gallery mean
+        # rounded to a power-of-two grid at the spread's scale removes it, exactly for
+        # integer-valued data (a dyadic grid keeps every difference exact).
+        top = torch.maximum(Q.abs().max(), G.abs().max())
+        Q = torch.ldexp(Q, -torch.frexp(top).exponent)
+        G = torch.ldexp(G, -torch.frexp(top).exponent)
+        spread = G.std(0).max() if G.shape[0] > 1 else torch.zeros((), dtype=G.dtype)
+        if spread > 0:
+            grid = torch.ldexp(torch.ones_like(spread), torch.frexp(spread).exponent - 1)
+            center = torch.round(G.mean(0) / grid) * grid
+            Q, G = Q - center, G - center
     return Q, yq.to(Q.device), G, yg.to(Q.device), chunk_size
 
 
