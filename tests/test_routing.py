@@ -130,3 +130,25 @@ def test_bad_lr_scale_raises() -> None:
         orthotorch.param_groups(model, lr=0.02, lr_scale={"*": 0.0})
     with pytest.raises(TypeError, match=r"lr_scale\['\*'\] must be a number, got '1'"):
         orthotorch.param_groups(model, lr=0.02, lr_scale={"*": "1"})
+
+
+def test_describe_an_optimizer_shows_its_own_scale_and_direction() -> None:
+    """describe(optimizer) applied Muon's shape scale and called the update "spectral" for
+    every orthogonal algorithm: for ARO (which scales by rms_scale and ignores the shape) a
+    64x16 weight with lr_scale 0.5 read "spectral ... 1" instead of "aro ... 0.1"."""
+    model = TinyLM(False)
+    groups = orthotorch.param_groups(model, lr=1e-3, lr_scale={"block.1.*": 0.5})
+    row = next(
+        line.split()
+        for line in orthotorch.describe(orthotorch.ARO(groups)).splitlines()
+        if line.startswith("block.1.weight")
+    )
+    assert row == ["block.1.weight", "64x16", "aro", "aro", "64x16", "0.1"]
+    wrapped = orthotorch.SPECTRA(orthotorch.ARO(groups))  # the base's scale (without alpha)
+    assert row in [line.split() for line in orthotorch.describe(wrapped).splitlines()]
+    # Muon's own scale is the shape scale, as before.
+    muon = orthotorch.Muon(orthotorch.param_groups(model, lr=0.02, lr_scale={"block.1.*": 0.5}))
+    row = next(
+        line.split() for line in orthotorch.describe(muon).splitlines() if "block.1.w" in line
+    )
+    assert row == ["block.1.weight", "64x16", "muon", "spectral", "64x16", "1"]

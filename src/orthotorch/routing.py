@@ -190,11 +190,20 @@ def describe(groups_or_optimizer: Any) -> str:
     """A readable table of which parameter went where: name, shape, group, update rule, matrix
     shape and learning-rate scale (the shape scale times the group's ``lr_scale``).
 
-    Accepts the output of :func:`param_groups` or an optimizer (then group defaults such as
-    ``adjust_lr`` are the optimizer's own).
+    Accepts the output of :func:`param_groups` (described as :class:`orthotorch.Muon` would
+    run it) or an optimizer (then group defaults such as ``adjust_lr``, and for orthotorch
+    optimizers their own scale and direction, e.g. ARO's ``rms_scale``, are used; a
+    :class:`~orthotorch.SPECTRA` wrapper is described by its base, without its ``alpha``).
     """
     groups = getattr(groups_or_optimizer, "param_groups", groups_or_optimizer)
-    default_algorithm = getattr(groups_or_optimizer, "algorithm", "orthogonal")
+    owner = groups_or_optimizer
+    wrapped = getattr(owner, "optimizer", None)  # SPECTRA shares its base's groups
+    if wrapped is not None and getattr(wrapped, "param_groups", None) is groups:
+        owner = wrapped
+    default_algorithm = getattr(owner, "algorithm", "orthogonal")
+    # An orthotorch optimizer knows its own scale (ARO's rms_scale ignores the shape) and
+    # direction; plain group lists are described as Muon would run them.
+    own_scale = getattr(owner, "_scale", None)
     rows = [("name", "shape", "group", "update", "as matrix", "lr scale")]
     for name, p, group in _group_entries(groups):
         algorithm = group.get("algorithm", default_algorithm)
@@ -203,9 +212,13 @@ def describe(groups_or_optimizer: Any) -> str:
             rows.append((name, shape, "adamw", "adam", "-", "1"))
         else:
             mshape = matrix_shape(p.shape)
-            scale = shape_scale(mshape, group.get("adjust_lr", "original"))
+            if own_scale is not None and algorithm == default_algorithm:
+                scale = own_scale(group, mshape)
+                update = str(group.get("update", algorithm))
+            else:
+                scale = shape_scale(mshape, group.get("adjust_lr", "original"))
+                update = str(group.get("update", "spectral"))
             scale *= group.get("lr_scale", 1.0)
-            update = str(group.get("update", "spectral"))
             rows.append(
                 (name, shape, algorithm, update, f"{mshape[0]}x{mshape[1]}", f"{scale:.4g}")
             )
