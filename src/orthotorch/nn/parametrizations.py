@@ -62,6 +62,13 @@ def _check_int(name: str, value: object, lo: int) -> int:
     return value
 
 
+def _upcast(X: Tensor) -> Tensor:
+    # geqrf, triangular and LU solves have no half-precision kernels (and torch's parametrize
+    # silently swallows a NotImplementedError from right_inverse), so half weights compute in
+    # float32 and are rounded once at the end.
+    return X.float() if X.dtype in (torch.float16, torch.bfloat16) else X
+
+
 def _unit_reflectors(U: Tensor) -> tuple[Tensor, Tensor]:
     """``(Û, T^{-1})``: unit columns and the inverse triangular factor of the UT transform.
 
@@ -287,8 +294,9 @@ class HouseholderOrthogonal(_TallParametrization):
                 f"reflectors must have shape ({self.p}, {self.k}) (tall p x k), "
                 f"got {tuple(U.shape)}"
             )
-        W = householder_semi_orthogonal(U, self.q) * self.signs.to(U.dtype)
-        return self._orient(W)
+        X = _upcast(U)
+        W = householder_semi_orthogonal(X, self.q) * self.signs.to(X.dtype)
+        return self._orient(W.to(U.dtype))
 
     @torch.no_grad()
     def right_inverse(self, W: Tensor) -> Tensor:
@@ -298,9 +306,9 @@ class HouseholderOrthogonal(_TallParametrization):
         the first ``k`` columns (rows, for wide ``W``) are reproduced.
         """
         Y = self._check_weight(W)
-        U, signs = householder_reflectors(Y, self.k)
+        U, signs = householder_reflectors(_upcast(Y), self.k)
         self.signs = signs
-        return U
+        return U.to(Y.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}"
@@ -346,18 +354,19 @@ class CayleyOrthogonal(_TallParametrization):
             raise ValueError(
                 f"X must have shape ({self.p}, {self.q}) (tall p x q), got {tuple(X.shape)}"
             )
-        C = cayley_semi_orthogonal(X)
-        base = self.base.to(X.dtype)
+        Xc = _upcast(X)
+        C = cayley_semi_orthogonal(Xc)
+        base = self.base.to(Xc.dtype)
         W = base @ C if self.dense_base else householder_matmul(base, C)
-        return self._orient(W * self.signs.to(X.dtype))
+        return self._orient((W * self.signs.to(Xc.dtype)).to(X.dtype))
 
     @torch.no_grad()
     def right_inverse(self, W: Tensor) -> Tensor:
         """Set the base to the orthonormal QR factor of ``W`` and return ``X = 0``."""
         Y = self._check_weight(W)
-        U, self.signs = householder_reflectors(Y)
+        U, self.signs = householder_reflectors(_upcast(Y))
         if self.dense_base:
-            U = householder_matmul(U, torch.eye(self.p, dtype=Y.dtype, device=Y.device))
+            U = householder_matmul(U, torch.eye(self.p, dtype=U.dtype, device=Y.device))
         self.base = U
         return torch.zeros_like(Y)
 
@@ -495,8 +504,9 @@ class HouseholderProjector(nn.Module):
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(Q(U), s, Q(V))`` with ``W = Q(U) diag(s) Q(V)^T``."""
-        QU = householder_semi_orthogonal(self.U, self.rank)
-        return QU, self.s, householder_semi_orthogonal(self.V, self.rank)
+        QU = householder_semi_orthogonal(_upcast(self.U), self.rank).to(self.U.dtype)
+        QV = householder_semi_orthogonal(_upcast(self.V), self.rank).to(self.V.dtype)
+        return QU, self.s, QV
 
     @property
     def weight(self) -> Tensor:
