@@ -3,6 +3,7 @@
 from . import symmetry  # registers the symmetry-compatible update rules
 from .adamw import adamw_step_
 from .auon import auon_directions, auon_kernel, hybrid_auon_kernel
+from .checks import maybe_nonfinite
 from .lowrank import (
     SUBSPACE_FINDERS,
     SubspaceFinder,
@@ -40,6 +41,7 @@ __all__ = [
     "get_update_rule",
     "hybrid_auon_kernel",
     "matrix_shape",
+    "maybe_nonfinite",
     "nesterov_momentum_",
     "outlier_threshold",
     "project",

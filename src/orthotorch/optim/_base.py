@@ -28,6 +28,7 @@ from ..functional import (
     get_update_rule,
     nesterov_momentum_,
 )
+from ..functional.checks import maybe_nonfinite
 
 __all__ = ["NonFiniteGradientError", "OrthogonalOptimizer"]
 
@@ -246,15 +247,7 @@ class OrthogonalOptimizer(Optimizer):
         Decisions are combined across ranks (a NaN in one FSDP shard stops every rank).
         """
         grads = [distributed.local(g) for _, _, gs in gathered for g in gs]
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        suspect = torch.tensor(False)
-        for device_grads in by_device.values():
-            # The 2-norm is ~10x cheaper than max-abs here. It can overflow on huge but finite
-            # gradients, so a non-finite norm only sends us to the exact per-tensor check below.
-            norms = torch._foreach_norm(device_grads, 2)
-            suspect |= ~torch.stack([t.float() for t in norms]).isfinite().all().cpu()
+        suspect = maybe_nonfinite(grads)
         if not bool(distributed.any_rank(suspect.view(1), all_params, self.distributed)):
             return gathered
         flat = [(index, p, g) for index, (_, ps, gs) in enumerate(gathered) for p, g in zip(ps, gs)]

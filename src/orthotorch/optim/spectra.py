@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from .. import distributed
 from ..functional import apply_buckets_
+from ..functional.checks import maybe_nonfinite
 from ..linalg import resolve_compute
 from ..linalg.spectral import (
     DEFAULT_POLISH_STEPS,
@@ -260,16 +261,7 @@ class SPECTRA(Optimizer):
             return
         grads = [distributed.local(p.grad) for _, _, p in named]
         params = [p for _, _, p in named]
-        # One reduction per tensor and one host sync per device: the 2-norm is cheap and is
-        # non-finite whenever an entry is (or on overflow, which the exact check below then
-        # clears). Stacked on the device first: a ``.cpu()`` per norm is a sync per parameter.
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        suspect = torch.tensor(False)
-        for device_grads in by_device.values():
-            norms = torch._foreach_norm(device_grads, 2)
-            suspect |= ~torch.stack([n.float() for n in norms]).isfinite().all().cpu()
+        suspect = maybe_nonfinite(grads)
         if not bool(distributed.any_rank(suspect.view(1), params, self.distributed)):
             return
         bad = torch.tensor([not bool(torch.isfinite(g).all()) for g in grads])
