@@ -307,3 +307,18 @@ def test_penalty_bad_input() -> None:
     with pytest.raises(ValueError, match=r"not finite.*fc2\.weight"):
         penalty()
     assert set(PENALTY_KINDS) == {"soft", "srip", "orthoreg", "lambda"}
+
+
+def test_penalty_follows_parameters_replaced_after_construction() -> None:
+    """Regression: the penalty held the Parameter objects found at construction, so after
+    ``load_state_dict(..., assign=True)`` it penalised the stale tensors and no gradient
+    reached the model's new weights."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+    penalty = OrthogonalityPenalty(model, kind="soft", weight=1.0)
+    new_state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(new_state, assign=True)
+    value = penalty()
+    expected = soft_orthogonality(model[0].weight) + soft_orthogonality(model[2].weight)
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    assert model[0].weight.grad is not None and model[2].weight.grad is not None

@@ -232,11 +232,13 @@ def _matrix_weights(model: nn.Module, embeddings: bool) -> list[tuple[str, nn.Pa
 class OrthogonalityPenalty(nn.Module):
     r"""``weight * sum`` of an orthogonality penalty over a model's matrix weights.
 
-    The weights are found once, at construction: those of ``nn.Linear`` and every convolution
-    (``nn.Conv1d/2d/3d`` and transposed ones, as the matrix ``(shape[0], prod(shape[1:]))``),
-    and of ``nn.Embedding``/``nn.EmbeddingBag`` when ``embeddings=True``. Biases, norms and
-    other 1-D parameters carry no orthogonality and are never included. Weights of the same
-    matrix shape, dtype and device are stacked and penalised in one batched call.
+    The weights are chosen once, at construction, and read from their modules at each call
+    (so a weight replaced later, e.g. by ``load_state_dict(assign=True)``, is still the one
+    penalised): those of ``nn.Linear`` and every convolution (``nn.Conv1d/2d/3d`` and
+    transposed ones, as the matrix ``(shape[0], prod(shape[1:]))``), and of
+    ``nn.Embedding``/``nn.EmbeddingBag`` when ``embeddings=True``. Biases, norms and other 1-D
+    parameters carry no orthogonality and are never included. Weights of the same matrix
+    shape, dtype and device are stacked and penalised in one batched call.
 
     ``kind``:
 
@@ -317,13 +319,16 @@ class OrthogonalityPenalty(nn.Module):
                 + " weights, after `include`)"
             )
 
-        groups: dict[tuple, list[tuple[str, nn.Parameter]]] = {}
+        owners = dict(model.named_modules())
+        groups: dict[tuple, list[tuple[str, nn.Module]]] = {}
         for name, p in found:
             key = (p.shape[0], math.prod(p.shape[1:]), p.dtype, p.device)
-            groups.setdefault(key, []).append((name, p))
-        # Plain lists: the parameters belong to `model`; registering them here would make
-        # penalty.parameters() (and an optimizer built from it) see them twice.
-        self._groups: list[list[tuple[str, nn.Parameter]]] = list(groups.values())
+            groups.setdefault(key, []).append((name, owners[name.rpartition(".")[0]]))
+        # The owning modules, not the Parameter objects: `load_state_dict(assign=True)`,
+        # `to_empty()` or FSDP replace a module's Parameter, and a held reference would then
+        # penalise a stale tensor that no longer reaches the model. Plain lists, because
+        # registering the modules here would make penalty.parameters() see their weights too.
+        self._groups: list[list[tuple[str, nn.Module]]] = list(groups.values())
         for i, members in enumerate(self._groups):
             stacked = self._stack(members).detach()
             if kind == "srip":
@@ -335,8 +340,8 @@ class OrthogonalityPenalty(nn.Module):
                 self.register_buffer(f"reference_{i}", stacked.clone())
 
     @staticmethod
-    def _stack(members: list[tuple[str, nn.Parameter]]) -> Tensor:
-        return torch.stack([p.reshape(p.shape[0], -1) for _, p in members])
+    def _stack(members: list[tuple[str, nn.Module]]) -> Tensor:
+        return torch.stack([m.weight.reshape(m.weight.shape[0], -1) for _, m in members])
 
     @property
     def names(self) -> list[str]:
@@ -363,7 +368,9 @@ class OrthogonalityPenalty(nn.Module):
             total = value if total is None else total + value
         assert total is not None
         if not bool(torch.isfinite(total.detach())):
-            bad = [n for members in self._groups for n, p in members if not p.isfinite().all()]
+            bad = [
+                n for members in self._groups for n, m in members if not m.weight.isfinite().all()
+            ]
             raise ValueError(
                 f"orthogonality penalty is not finite; parameters with NaN/Inf: {bad or 'none'}"
             )
