@@ -130,6 +130,20 @@ def test_one_dimensional_parameter_in_orthogonal_group_is_named(info: OptimizerI
         info.cls([p for _, p in named], **info.kwargs)
 
 
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_update_rules_are_used_or_refused(info: OptimizerInfo) -> None:
+    """Regression: optimizers with their own direction (ARO, ROOT, AuON, the low-rank ones)
+    accepted ``param_groups(policy="symmetry")`` groups and silently ignored their rules."""
+    model = small_cnn()
+    groups = orthotorch.param_groups(model, policy="symmetry", lr=1e-3)
+    assert any(g.get("update") not in (None, "spectral") for g in groups)
+    if info.cls.accepts_update_rules:
+        train(model, info.cls(groups, **info.kwargs), steps=1)
+    else:
+        with pytest.raises(ValueError, match=r"update='.*takes no update rule"):
+            info.cls(groups, **info.kwargs)
+
+
 @pytest.mark.parametrize(
     "info,kwargs,message",
     [(info, kw, msg) for info in OPTIMIZERS for kw, msg in info.error_inputs],

@@ -87,6 +87,10 @@ class OrthogonalOptimizer(Optimizer):
     """
 
     algorithm: ClassVar[str] = "orthogonal"
+    # Whether groups may choose a registered update rule (``"update"``, e.g. from
+    # ``param_groups(policy="symmetry")``); optimizers with their own direction must refuse
+    # one rather than silently ignore it.
+    accepts_update_rules: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -176,6 +180,12 @@ class OrthogonalOptimizer(Optimizer):
             reason = distributed.unsupported_layout(p)
             if reason is not None:
                 raise ValueError(f"{label}: parameter {self._param_label(group, i)}: {reason}")
+        if not self.accepts_update_rules and group.get("update") is not None:
+            raise ValueError(
+                f"{label}: update={group['update']!r}, but {type(self).__name__} computes its "
+                "own direction and takes no update rule; use orthotorch.Muon for update rules "
+                "(e.g. param_groups(model, policy='symmetry')), or drop the 'update' key"
+            )
         self._validate_orthogonal_group(group, label)
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:

@@ -126,12 +126,6 @@ class ARO(OrthogonalOptimizer):
         )
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
-        if group.get("update") is not None:
-            raise ValueError(
-                f"{label}: update={group['update']!r}, but ARO computes its own direction "
-                "(rotated SinkGD) and takes no update rule; use orthotorch.Muon for update "
-                "rules (e.g. param_groups(model, policy='symmetry')), or drop the 'update' key"
-            )
         check_range(label, "momentum", group["momentum"], 0.0, 1.0)
         iters = group["sinkhorn_iters"]
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:

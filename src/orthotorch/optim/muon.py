@@ -65,6 +65,7 @@ class Muon(OrthogonalOptimizer):
     """
 
     algorithm = "muon"
+    accepts_update_rules = True
 
     def __init__(
         self,
