@@ -86,11 +86,32 @@ def test_task_arithmetic_matches_formula(models) -> None:
     base, ft = models
     out = task_arithmetic(base, ft, scale=[0.5, -0.25, 1.0])
     for k, W0 in base.items():
-        if W0.is_floating_point():
+        if k == "bn.running_mean":  # normalisation statistics: the fine-tuned models' mean
+            assert torch.allclose(out[k], torch.stack([sd[k] for sd in ft]).mean(0)), k
+        elif W0.is_floating_point():
             expected = W0 + 0.5 * (ft[0][k] - W0) - 0.25 * (ft[1][k] - W0) + (ft[2][k] - W0)
             assert torch.allclose(out[k], expected, atol=1e-12), k
         else:
             assert torch.equal(out[k], W0)
+
+
+@pytest.mark.parametrize("merge", [task_arithmetic, orthogonal_merge])
+def test_batch_norm_statistics_are_averaged_not_extrapolated(merge) -> None:
+    """Regression: running statistics were merged like weights, so two models whose variances
+    fell below the base's gave ``base + sum(var_i - base) < 0`` and the merged model's batch
+    norm returned NaN in eval mode."""
+    base = nn.BatchNorm1d(4)
+    base.running_var.fill_(1.0)
+    tuned = [nn.BatchNorm1d(4), nn.BatchNorm1d(4)]
+    for m, v in zip(tuned, (0.3, 0.4)):
+        m.running_var.fill_(v)
+        m.running_mean.fill_(v)
+    out = merge(base, tuned, 1.0)
+    torch.testing.assert_close(out["running_var"], torch.full((4,), 0.35))
+    torch.testing.assert_close(out["running_mean"], torch.full((4,), 0.35))
+    merged = nn.BatchNorm1d(4)
+    merged.load_state_dict(out)
+    assert merged.eval()(torch.randn(8, 4)).isfinite().all()
 
 
 def test_average_matches_formula_and_task_arithmetic(models) -> None:
@@ -242,7 +263,7 @@ def test_orthogonal_merge_routes_entries(models) -> None:
     scales = [0.5, 0.5, 0.5]
     out = orthogonal_merge(base, ft, scales)
     ta = task_arithmetic(base, ft, scales)
-    # 1-D entries: the task-arithmetic rule with the same scales; integer buffers from base.
+    # 1-D entries (and statistics): the task-arithmetic rule; integer buffers from base.
     for k in ("fc.bias", "bn.running_mean", "bn.num_batches_tracked"):
         assert torch.equal(out[k], ta[k]), k
     assert torch.equal(out["bn.num_batches_tracked"], base["bn.num_batches_tracked"])

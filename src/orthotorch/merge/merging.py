@@ -25,9 +25,12 @@ model at every scale and needs no matrix inverse.
 
 Entry routing (the same for every method): floating entries with ``ndim >= 2`` are matrices
 (conv kernels ``(out, in, *k)`` are used as ``(out, in * prod(k))`` and reshaped back);
-1-D and 0-D floating entries (biases, norm scales, running statistics) follow task arithmetic
-with the same scales in :func:`orthogonal_merge`; non-floating entries (``num_batches_tracked``
-and other integer buffers) are copied from the base.
+1-D and 0-D floating entries (biases, norm scales) follow task arithmetic with the same scales
+in :func:`orthogonal_merge`; normalisation statistics (keys ending in ``running_mean`` /
+``running_var``, as torch's batch norms save them) take the mean over the fine-tuned models in
+:func:`task_arithmetic` and :func:`orthogonal_merge`, because they describe data rather than
+learned directions and extrapolating them can make a variance negative (NaN in eval mode);
+non-floating entries (``num_batches_tracked`` and other integer buffers) are copied from the base.
 """
 
 from __future__ import annotations
@@ -308,6 +311,13 @@ def _prepare(
 # ---------------------------------------------------------------------------------- the merges
 
 
+STATISTIC_SUFFIXES: tuple[str, ...] = ("running_mean", "running_var")
+
+
+def _is_statistic(key: str) -> bool:
+    return key.rpartition(".")[2] in STATISTIC_SUFFIXES
+
+
 def _compute_dtype(values: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if all(v.dtype == torch.float64 for v in values) else torch.float32
 
@@ -326,6 +336,10 @@ def _merge_with_base(
             out[key] = W0.detach().clone()
             continue
         compute = torch.float64 if W0.dtype == torch.float64 else torch.float32
+        if _is_statistic(key):
+            values = [sd[key].detach().to(W0.device, compute) for sd in models]
+            out[key] = torch.stack(values).mean(0).to(W0.dtype)
+            continue
         W0c = W0.detach().to(compute)
         taus = [
             lam * (sd[key].detach().to(W0.device, compute) - W0c) for lam, sd in zip(scales, models)
@@ -347,6 +361,9 @@ def task_arithmetic(
     keys: KeyFilter = None,
 ) -> dict[str, Tensor]:
     r"""Task arithmetic: :math:`W_0 + \sum_i \lambda_i (W_i - W_0)` for every floating entry.
+
+    Batch-norm statistics (``running_mean`` / ``running_var``) take the mean of the fine-tuned
+    models instead (see the module docstring): extrapolated, a variance can turn negative.
 
     Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (arXiv:2212.04089).
 
