@@ -322,3 +322,19 @@ def test_penalty_follows_parameters_replaced_after_construction() -> None:
     torch.testing.assert_close(value, expected)
     value.backward()
     assert model[0].weight.grad is not None and model[2].weight.grad is not None
+
+
+def test_srip_vectors_advance_in_training_mode_only() -> None:
+    """Regression: the power-iteration buffers also advanced in ``eval()``, so computing the
+    penalty for logging changed the saved state (``spectral_norm`` updates only in training)."""
+    model = nn.Sequential(nn.Linear(6, 10), nn.Linear(10, 6))
+    penalty = OrthogonalityPenalty(model, kind="srip", weight=1.0)
+    saved = {k: v.clone() for k, v in penalty.state_dict().items()}
+    penalty.eval()
+    value = penalty()
+    assert value > 0
+    for k, v in penalty.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    penalty.train()
+    penalty()
+    assert any(not torch.equal(v, saved[k]) for k, v in penalty.state_dict().items())

@@ -244,7 +244,8 @@ class OrthogonalityPenalty(nn.Module):
 
     - ``"soft"``: :func:`soft_orthogonality`;
     - ``"srip"``: :func:`spectral_restricted_isometry`, with one persistent power-iteration
-      vector per weight (buffers, warm-started across calls, saved in ``state_dict``);
+      vector per weight (buffers, warm-started across calls, saved in ``state_dict``; advanced
+      only in training mode, as ``spectral_norm`` does);
     - ``"orthoreg"``: :func:`orthoreg` against copies of the weights taken at construction
       (build the penalty right after loading the pre-trained model);
     - ``"lambda"``: :func:`orthotorch.nn.compatible.lambda_orthogonality` with ``lam``,
@@ -352,7 +353,10 @@ class OrthogonalityPenalty(nn.Module):
         if self.kind == "soft":
             return _soft_orthogonality(W)
         if self.kind == "srip":
-            return _srip(W, self.n_iter, getattr(self, f"u_{i}"))
+            u = getattr(self, f"u_{i}")
+            # As torch.nn.utils.spectral_norm: the saved vector advances in training mode only,
+            # so evaluating the penalty for logging (eval mode) leaves the state_dict unchanged.
+            return _srip(W, self.n_iter, u if self.training else u.clone())
         if self.kind == "orthoreg":
             return _orthoreg(W, getattr(self, f"reference_{i}"))
         from .compatible import _lambda_orthogonality
