@@ -334,6 +334,9 @@ def test_wrapped_object_must_be_a_torch_optimizer() -> None:
         orthotorch.SPECTRA(orthotorch.SPECTRA(adamw(model)))
     with pytest.raises(ValueError, match=r"param group 0: clip must be a positive finite"):
         orthotorch.SPECTRA(torch.optim.SGD([{"params": model.parameters(), "clip": 0}], lr=0.1))
+    # Sparse gradients have no dense update to clip: refused at construction, not at step 1.
+    with pytest.raises(ValueError, match=r"SparseAdam, whose sparse gradients"):
+        orthotorch.SPECTRA(torch.optim.SparseAdam(nn.Embedding(5, 3, sparse=True).parameters()))
 
 
 def test_adafactor_weight_decay_is_kept_out_of_the_clip() -> None:

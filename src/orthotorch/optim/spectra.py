@@ -148,6 +148,14 @@ class SPECTRA(Optimizer):
             )
         if isinstance(optimizer, SPECTRA):
             raise ValueError("optimizer is already wrapped in SPECTRA; wrap the base optimizer")
+        if isinstance(optimizer, torch.optim.SparseAdam):
+            # Its gradients are sparse: there is no dense update matrix to clip, and the
+            # failure would otherwise come from deep inside the first step.
+            raise ValueError(
+                "optimizer is a torch.optim.SparseAdam, whose sparse gradients SPECTRA cannot "
+                "clip; use a dense optimizer (e.g. torch.optim.AdamW with sparse=False "
+                "embeddings)"
+            )
         if clip is None and pre_clip is None:
             raise ValueError("clip and pre_clip are both None; set at least one of them")
         if distributed not in distributed_modes():
