@@ -152,3 +152,15 @@ def test_describe_an_optimizer_shows_its_own_scale_and_direction() -> None:
         line.split() for line in orthotorch.describe(muon).splitlines() if "block.1.w" in line
     )
     assert row == ["block.1.weight", "64x16", "muon", "spectral", "64x16", "1"]
+
+
+def test_lr_scale_pattern_that_scales_nothing_raises() -> None:
+    """Regression: a pattern matching only AdamW-routed parameters (``embed.*`` under the default
+    policy) or nothing at all (a typo) was silently ignored, so the intended lr never applied."""
+    model = TinyLM(False)
+    with pytest.raises(ValueError, match=r"lr_scale\['embed\.\*'\] matches only parameters routed"):
+        orthotorch.param_groups(model, lr=0.02, lr_scale={"embed.*": 0.5})
+    with pytest.raises(ValueError, match=r"lr_scale\['blok\.\*'\] matches no parameter"):
+        orthotorch.param_groups(model, lr=0.02, lr_scale={"blok.*": 0.5})
+    with pytest.raises(ValueError, match=r"lr_scale\['block\.1\.\*'\]: every .* earlier pattern"):
+        orthotorch.param_groups(model, lr=0.02, lr_scale={"block.*": 0.5, "block.1.*": 0.25})

@@ -142,6 +142,7 @@ def param_groups(
     def scale_of(name: str) -> float:
         return next((v for pat, v in scales.items() if fnmatch.fnmatchcase(name, pat)), 1.0)
 
+    _check_lr_scale_used(scales, routed)
     keys = list(dict.fromkeys((t, scale_of(n)) for n, _, t, _ in routed if t != "adamw"))
     groups = []
     for target, scale in keys:
@@ -154,6 +155,35 @@ def param_groups(
     if plain:
         groups.append({"params": plain, **dict(adamw or {}), "algorithm": "adamw"})
     return groups
+
+
+def _check_lr_scale_used(scales: Mapping[str, float], routed: list[tuple]) -> None:
+    """A pattern that scales nothing is a typo or a parameter routed elsewhere: say so."""
+    used = set()
+    for name, _, target, _ in routed:
+        first = next((pat for pat in scales if fnmatch.fnmatchcase(name, pat)), None)
+        if first is not None and target != "adamw":
+            used.add(first)
+    for pattern in scales:
+        if pattern in used:
+            continue
+        matched = [(n, t) for n, _, t, _ in routed if fnmatch.fnmatchcase(n, pattern)]
+        if any(t != "adamw" for _, t in matched):
+            raise ValueError(
+                f"lr_scale[{pattern!r}]: every orthogonalized parameter it matches is already "
+                "scaled by an earlier pattern (the first match wins); put it first or drop it"
+            )
+        if matched:
+            names = [n for n, _ in matched]
+            raise ValueError(
+                f"lr_scale[{pattern!r}] matches only parameters routed to AdamW "
+                f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); set their lr "
+                "with adamw={'lr': ...}, or route them with policy=/route="
+            )
+        raise ValueError(
+            f"lr_scale[{pattern!r}] matches no parameter; patterns are globs over "
+            "named_parameters() names, e.g. 'blocks.*.mlp.up.weight'"
+        )
 
 
 def _check_lr_scale(
