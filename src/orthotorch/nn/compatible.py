@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..linalg import orthogonality_error
+from ..linalg import check_matrix_input, orthogonality_error
 
 __all__ = [
     "OrthogonalTransform",
@@ -109,18 +109,9 @@ def lambda_orthogonality(weight: Tensor, lam: float = 12.0, alpha: float = 1.0) 
         ValueError: ``weight`` has fewer than 2 dims, is not real floating point, holds
             NaN/Inf, or ``lam``/``alpha`` is out of range.
     """
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.ndim < 2:
-        raise ValueError(
-            f"weight must have at least 2 dimensions (..., m, n), got shape {tuple(weight.shape)}"
-        )
-    if weight.is_complex() or not weight.is_floating_point():
-        raise ValueError(f"weight must be a real floating-point tensor, got dtype {weight.dtype}")
+    check_matrix_input(weight, "weight")
     lam = _check_number("lam", lam, lo=0.0, lo_open=False)
     alpha = _check_number("alpha", alpha, lo=0.0, lo_open=True)
-    if not bool(torch.isfinite(weight.detach()).all()):
-        raise ValueError(f"weight of shape {tuple(weight.shape)} contains NaN or Inf values")
     return _lambda_orthogonality(weight, lam, alpha)
 
 
