@@ -299,13 +299,23 @@ def _prepare(
     models = _as_model_list(finetuned, "finetuned")
     _check_compatible(base_sd, "base", models, "finetuned")
     chosen = _selected(keys, list(base_sd))
+    _check_all_finite(base_sd, "base", models, "finetuned", chosen)
+    return base_sd, models, chosen
+
+
+def _check_all_finite(
+    ref: Mapping[str, Tensor],
+    ref_name: str,
+    models: Sequence[Mapping[str, Tensor]],
+    models_name: str,
+    chosen: set[str],
+) -> None:
     # Every input is checked before any output is built: nothing half-merged on error.
-    for key, value in base_sd.items():
-        _check_finite(value, f"base[{key!r}]")
+    for key, value in ref.items():
+        _check_finite(value, f"{ref_name}[{key!r}]")
     for i, sd in enumerate(models):
         for key in chosen:
-            _check_finite(sd[key], f"finetuned[{i}][{key!r}]")
-    return base_sd, models, chosen
+            _check_finite(sd[key], f"{models_name}[{i}][{key!r}]")
 
 
 # ---------------------------------------------------------------------------------- the merges
@@ -464,11 +474,7 @@ def average(
         _check_compatible(ref, ref_name, models, "state_dicts")
     w = _weights(weights, len(models))
     chosen = _selected(keys, list(ref))
-    for key, value in ref.items():
-        _check_finite(value, f"{ref_name}[{key!r}]")
-    for i, sd in enumerate(models):
-        for key in chosen:
-            _check_finite(sd[key], f"state_dicts[{i}][{key!r}]")
+    _check_all_finite(ref, ref_name, models, "state_dicts", chosen)
     out: dict[str, Tensor] = {}
     for key, ref_value in ref.items():
         if key not in chosen or not ref_value.is_floating_point():
