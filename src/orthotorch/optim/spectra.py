@@ -14,7 +14,6 @@ from torch.optim import Optimizer
 from .. import distributed
 from ..functional import apply_buckets_
 from ..functional.checks import maybe_nonfinite
-from ..linalg import resolve_compute
 from ..linalg.spectral import (
     DEFAULT_POLISH_STEPS,
     ClipRoute,
@@ -165,8 +164,8 @@ class SPECTRA(Optimizer):
             )
         self.clip = None if clip is None else check_clip(clip, "clip")
         self.pre_clip = None if pre_clip is None else check_clip(pre_clip, "pre_clip")
-        # Validate the clip's options now (never at step 1000) and keep the resolved ones.
-        resolve_compute(method, steps, dtype)
+        # Validate the clip's options now (never at step 1000); building the kernel resolves
+        # method, steps and dtype (resolve_compute) and the route.
         spectral_clip_kernel(1.0, method, steps, dtype, polish_steps, route)
         self.method, self.steps, self.dtype = method, steps, dtype
         self.polish_steps, self.route = polish_steps, route
@@ -319,7 +318,6 @@ class SPECTRA(Optimizer):
             route = check_route(settings.get("route", self.route))
             options = (settings["method"], settings["steps"], settings["dtype"])
             # Validated as a whole before anything is assigned (as in __init__).
-            resolve_compute(*options)
             spectral_clip_kernel(1.0, *options, settings["polish_steps"], route)
         self.optimizer.load_state_dict(state_dict)
         if settings is not None:
