@@ -121,12 +121,13 @@ def scenario_ddp(rank: int, world: int, out: str, name: str) -> None:
     )
 
 
-def _fsdp_model() -> nn.Module:
+def _fsdp_model(model: nn.Module | None = None) -> nn.Module:
+    """``model`` (default :func:`make_model`) under FSDP2: per-Linear shards plus the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = make_model()
+    model = make_model() if model is None else model
     for module in (model.q, model.k, model.v, model.up, model.down):
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)

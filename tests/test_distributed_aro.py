@@ -51,16 +51,7 @@ def make_model() -> nn.Module:
 
 def fsdp_model() -> nn.Module:
     """dist_workers' FSDP2 layout (per-Linear shards plus the root), on the float64 model."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = make_model()
-    for module in (model.q, model.k, model.v, model.up, model.down):
-        fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return dist_workers._fsdp_model(make_model())
 
 
 def reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
