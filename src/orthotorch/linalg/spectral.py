@@ -10,7 +10,11 @@ Small singular values pass unchanged, large ones saturate smoothly at ``c``; the
 are kept. Three routes compute it (``route=``); all work on the *small* side (``X`` wide,
 ``m <= n``), batched over same-shape matrices:
 
-``"auto"`` (default) picks ``"eigh"`` on the CPU (float32/float64) and ``"gram"`` elsewhere.
+``"auto"`` (default) picks ``"eigh"`` on the CPU (float32/float64) and ``"gram"`` elsewhere;
+:func:`spectral_clip` picks a Newton–Schulz route instead when it is given an option that only
+those routes use (``method``, ``steps``, ``polish_steps``): ``"gram"``, or ``"polar"`` for a
+method without a coefficient schedule (``"svd"``). ``"eigh"`` runs no Newton–Schulz iteration,
+so it refuses those options rather than ignoring them.
 
 ``"gram"``: Newton–Schulz on the Gram matrix.
     With ``Z = [X, c I_m]`` (``m x (n + m)``), ``Z Z^T = B := X X^T + c^2 I``, so
@@ -41,7 +45,14 @@ so directions with ``s <~ c`` see a relative perturbation of their ``1 + s^2/c^2
 value, while mixing between large and small directions is damped by the inverse square root.
 Measured in float32 against the SVD definition (relative Frobenius error, log-spaced spectra
 from ``s/c = 300`` down to ``1/100``): ``"gram"`` ~1e-3, ``"eigh"`` ~4e-3, ``"polar"`` ~1e-5;
-at ``s_max / c = 30``: 4e-5, 2e-5, 2e-6. In float64 all are below 1e-8. (AdamW updates with
+at ``s_max / c = 30``: 4e-5, 2e-5, 2e-6. In float64 all are below 1e-8. The saturated
+directions are not exact either: both Gram routes form an ``m x m`` multiplier whose
+eigenvalues run from ``c / s_max`` (the top direction) to about one, so its rounding, of order
+``eps`` absolute, is a relative error of order ``eps * s_max / c`` in the top clipped value.
+Measured (8 seeds, float32): at most ``0.7 eps s_max / c`` off the exact value, i.e. ``2e-5``
+at ``s/c = 300``, where the exact value is ``c (1 - 5.6e-6)``; so in float32 the spectral norm
+of the result may exceed ``c`` by that much (``"polar"``, which never forms the Gram matrix:
+``0.03 eps s_max / c``). (AdamW updates with
 ``c = 10`` have ``s_max / c`` of about 1-10.) On GPUs, TF32 matmuls
 (``torch.backends.cuda.matmul.allow_tf32``) round like bf16 does and cost the Gram routes the
 same ~1%. Both Gram routes first scale ``X`` by
@@ -76,16 +87,18 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .registry import OrthogonalizationMethod
+from .registry import OrthogonalizationMethod, get_method
 
 __all__ = [
     "CLIP_ROUTES",
+    "DEFAULT_METHOD",
     "DEFAULT_POLISH_STEPS",
     "ClipRoute",
     "auto_route",
     "check_clip",
     "check_route",
     "polish",
+    "resolve_route",
     "spectral_clip",
     "spectral_clip_eigh",
     "spectral_clip_gram",
@@ -97,6 +110,7 @@ __all__ = [
 
 ClipRoute = Literal["auto", "gram", "eigh", "polar"]
 CLIP_ROUTES: tuple[str, ...] = ("auto", "gram", "eigh", "polar")
+DEFAULT_METHOD = "polar_express"
 DEFAULT_POLISH_STEPS = 2
 # Extra steps over the method's default, so that c / ||Z||_F (>= 7e-5 at s/c = 300, m = 2048)
 # reaches the method's band before polishing; see the module docstring.
@@ -167,7 +181,8 @@ def spectral_clip_gram(
     """Route ``"gram"`` on a wide ``(batch, m, n)`` stack (compute dtype, no validation).
 
     Newton–Schulz on ``[X, c I]`` carried out on ``m x m`` matrices (module docstring):
-    ``S_0 = (X X^T + c^2 I) / nu^2``, ``P_0 = I``, ``P_{k+1} = q_k(P_k S_0 P_k) P_k``, then
+    ``S_0 = (X X^T + c^2 I) / nu^2``, ``P_0 = I``, ``P_{k+1} = q_k(P_k S_0 P_k^T) P_k`` (the
+    transpose matters once rounding breaks ``P``'s symmetry; module docstring), then
     ``H_c(X) = (c / nu) P_K X``. ``coefficients`` are the method's ``(a, b, c)`` per step;
     ``polish_steps`` convergent steps follow.
     """
@@ -217,8 +232,9 @@ def _gram_coefficients(
     return [tuple(map(float, abc)) for abc in spec.schedule(m, n + m, k)]  # type: ignore[misc]
 
 
-def auto_route(device: torch.device, compute: torch.dtype) -> str:
-    """``route="auto"``: ``"eigh"`` for float32/float64 on the CPU, else ``"gram"``.
+def auto_route(device: torch.device, compute: torch.dtype, iterative: bool = True) -> str:
+    """``route="auto"``: ``"eigh"`` for float32/float64 on the CPU, else ``"gram"`` (``"polar"``
+    when the method has no coefficient schedule for the Gram route, i.e. ``iterative=False``).
 
     On a CPU, a batched LAPACK ``eigh`` of the ``m x m`` Gram matrix costs less than the ~40
     ``m^3`` products of the Gram Newton–Schulz route (measured: ``benchmarks/spectra_aro.py``);
@@ -226,7 +242,39 @@ def auto_route(device: torch.device, compute: torch.dtype) -> str:
     """
     if device.type == "cpu" and compute in (torch.float32, torch.float64):
         return "eigh"
-    return "gram"
+    return "gram" if iterative else "polar"
+
+
+def resolve_route(
+    route: str,
+    method: str | None,
+    steps: int | None,
+    polish_steps: int | None,
+) -> str:
+    """The route :func:`spectral_clip` runs, given which Newton–Schulz options were passed.
+
+    ``method``, ``steps`` and ``polish_steps`` (``None``: not given) configure the Newton–Schulz
+    routes only. With ``route="auto"`` any of them selects a Newton–Schulz route (``"gram"``,
+    or ``"polar"`` for a method without a coefficient schedule such as ``"svd"``), so that the
+    option acts on every device; ``route="eigh"`` refuses them. Otherwise ``route`` is returned
+    unchanged (``"auto"`` then resolves per device when the kernel runs).
+    """
+    given = [
+        name
+        for name, value in (("method", method), ("steps", steps), ("polish_steps", polish_steps))
+        if value is not None
+    ]
+    if not given:
+        return route
+    if route == "eigh":
+        raise ValueError(
+            f"{', '.join(given)} configure(s) the Newton–Schulz routes 'gram' and 'polar'; "
+            "route 'eigh' computes the clip from an eigendecomposition and runs no iteration "
+            f"(drop {', '.join(given)} or pass route='gram' or 'polar')"
+        )
+    if route == "auto":
+        return "polar" if get_method(method or DEFAULT_METHOD).schedule is None else "gram"
+    return route
 
 
 def spectral_clip_unchecked(
@@ -244,7 +292,7 @@ def spectral_clip_unchecked(
     """
     X = X.to(compute)
     if route == "auto":
-        route = auto_route(X.device, compute)
+        route = auto_route(X.device, compute, spec.schedule is not None)
     if route == "eigh":
         return spectral_clip_eigh(X, c)
     if route == "gram":
@@ -255,30 +303,37 @@ def spectral_clip_unchecked(
 
 def spectral_clip_kernel(
     c: float,
-    method: str = "polar_express",
+    method: str | None = DEFAULT_METHOD,
     steps: int | None = None,
     dtype: torch.dtype | None = torch.float32,
-    polish_steps: int = DEFAULT_POLISH_STEPS,
+    polish_steps: int | None = DEFAULT_POLISH_STEPS,
     route: ClipRoute = "auto",
 ) -> tuple[Callable[[Tensor, bool], Tensor], torch.dtype]:
     """Validate once and return ``(kernel, compute_dtype)`` for
     :func:`orthotorch.distributed.map_matrices`: ``kernel(X, transposed) = H_c(X)`` on a wide
-    stack (orientation is irrelevant, since ``H_c(X^T) = H_c(X)^T``)."""
+    stack (orientation is irrelevant, since ``H_c(X^T) = H_c(X)^T``).
+
+    ``method=None`` / ``polish_steps=None`` mean the defaults (``"polar_express"``, 2). Unlike
+    :func:`spectral_clip`, the kernel takes ``route`` as given: ``"auto"`` resolves per device
+    (:func:`auto_route`) whatever the options, so callers that want the options to select the
+    route pass ``resolve_route(...)``'s answer.
+    """
     from . import resolve_compute  # the package imports this module
 
     c = check_clip(c)
     route = check_route(route)
+    method = DEFAULT_METHOD if method is None else method
+    polish_steps = DEFAULT_POLISH_STEPS if polish_steps is None else polish_steps
     spec, steps, compute = resolve_compute(method, steps, dtype)
     if isinstance(polish_steps, bool) or not isinstance(polish_steps, int) or polish_steps < 0:
         raise ValueError(f"polish_steps must be a non-negative int, got {polish_steps!r}")
     if route == "eigh" and compute not in (torch.float32, torch.float64):
         raise ValueError(f"route 'eigh' computes in float32 or float64; got dtype={compute}")
-    if route in ("gram", "auto"):
-        if spec.schedule is None:
-            raise ValueError(
-                f"route 'gram' needs a Newton–Schulz method with a coefficient schedule; "
-                f"method {method!r} has none (use route='polar' or 'eigh')"
-            )
+    if route == "gram" and spec.schedule is None:
+        raise ValueError(
+            f"route 'gram' needs a Newton–Schulz method with a coefficient schedule; "
+            f"method {method!r} has none (use route='polar' or 'eigh')"
+        )
 
     def kernel(X: Tensor, transposed: bool) -> Tensor:
         del transposed
@@ -290,45 +345,51 @@ def spectral_clip_kernel(
 def spectral_clip(
     X: Tensor,
     c: float,
-    method: str = "polar_express",
+    method: str | None = None,
     steps: int | None = None,
     dtype: torch.dtype | None = torch.float32,
-    polish_steps: int = DEFAULT_POLISH_STEPS,
+    polish_steps: int | None = None,
     *,
     route: ClipRoute = "auto",
 ) -> Tensor:
     """Soft spectral clip ``H_c(X) = (I + X X^T / c^2)^{-1/2} X``, batched, without an SVD.
 
     Maps every singular value ``s`` of ``X`` to ``s / sqrt(1 + s^2 / c^2)`` (so the spectral norm
-    of the result is below ``c``) and keeps the singular vectors. See the module docstring for
-    the three routes and their accuracy.
+    of the result is below ``c``, up to rounding of order ``eps * s_max / c`` relative in the
+    compute dtype) and keeps the singular vectors. See the module docstring for the three routes
+    and their accuracy.
 
     Args:
         X: ``(..., m, n)`` real tensor; tall matrices are clipped through their transpose
             (``H_c(X^T) = H_c(X)^T``).
         c: clip threshold, ``0 < c < inf``.
         method: Newton–Schulz schedule of routes ``"gram"``/``"polar"``
-            (:func:`~orthotorch.linalg.available_methods`; ``"polar"`` also takes ``"svd"``).
+            (:func:`~orthotorch.linalg.available_methods`; ``"polar"`` also takes ``"svd"``);
+            ``None``: ``"polar_express"``.
         steps: its iterations; ``None``: the method's default plus 3 (see the module docstring).
         dtype: compute dtype (default float32; bf16 alone costs ~1% accuracy); ``None``: the
             method's default.
-        polish_steps: convergent Newton–Schulz steps after the method (default 2; 0 keeps the
-            method's raw output band).
+        polish_steps: convergent Newton–Schulz steps after the method (``None``: 2; 0 keeps
+            the method's raw output band).
         route: ``"gram"`` (matmul-only Newton–Schulz on the ``m x m`` Gram matrix),
             ``"eigh"`` (eigendecomposition of the Gram matrix; float32/float64), ``"polar"``
             (polar factor of ``[X, c I]``; the reference route) or ``"auto"`` (default:
-            ``"eigh"`` on the CPU in float32/float64, else ``"gram"``).
+            ``"eigh"`` on the CPU in float32/float64, else ``"gram"``; a Newton–Schulz route
+            whenever ``method``, ``steps`` or ``polish_steps`` is given, so that they act:
+            ``"gram"``, or ``"polar"`` for ``method="svd"``).
 
     Returns:
         A tensor with ``X``'s shape and dtype. Zero maps to zero.
 
     Raises:
         ValueError: ``c`` is not a positive finite number, ``X`` is not a finite real
-            ``(..., m, n)`` tensor, or ``method``/``steps``/``dtype``/``polish_steps``/``route``
-            is invalid.
+            ``(..., m, n)`` tensor, ``method``/``steps``/``dtype``/``polish_steps``/``route``
+            is invalid, or ``method``/``steps``/``polish_steps`` is given with
+            ``route="eigh"``, which runs no Newton–Schulz iteration.
     """
     from . import check_matrix_input  # the package imports this module
 
+    route = resolve_route(check_route(route), method, steps, polish_steps)
     kernel, _ = spectral_clip_kernel(c, method, steps, dtype, polish_steps, route)
     check_matrix_input(X, "X")
     tall = X.shape[-2] > X.shape[-1]
