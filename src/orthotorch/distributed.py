@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .functional.layout import FLATTEN, MatrixLayout, layout_matrices
 from .functional.muon import Bucket, bucket_by_shape, matrix_shape
 from .functional.rules import Kernel
 
@@ -238,33 +239,88 @@ def all_ranks_agree(signature: list, tensors: Sequence[Tensor], mode: str, what:
 
 
 def map_matrices(
-    updates: list[Tensor], kernel: Kernel, compute_dtype: torch.dtype, mode: str = "auto"
-) -> list[Bucket]:
-    """Apply ``kernel`` to every update matrix, splitting the work across ranks.
+    updates: list[Tensor],
+    kernel: Kernel,
+    compute_dtype: torch.dtype,
+    mode: str = "auto",
+    *,
+    layouts: Sequence[MatrixLayout] | None = None,
+    scale: Callable[[tuple[int, int]], float] | None = None,
+) -> list[Tensor]:
+    """Apply ``kernel`` to every matrix of every update, splitting the work across ranks.
 
     Args:
-        updates: per-parameter tensors (flattened to ``(shape[0], -1)`` matrices); plain tensors,
-            or ``DTensor`` objects over one 1-D mesh, each either row-sharded (``Shard(0)``) or
-            replicated (``Replicate()``).
+        updates: per-parameter tensors; plain tensors, or ``DTensor`` objects over one 1-D mesh,
+            each either row-sharded (``Shard(0)``) or replicated (``Replicate()``).
         kernel: ``(X, transposed) -> Y`` on a wide ``(k, m, n)`` stack in ``compute_dtype``.
         compute_dtype: dtype the matrices are stacked and communicated in.
         mode: ``"auto"`` splits work whenever a process group of size > 1 is initialised;
             ``"off"`` processes every matrix locally (DTensor inputs still need the sharded path).
+        layouts: how each update is seen as matrices (:mod:`orthotorch.functional.layout`;
+            ``None``: ``flatten`` for all). Each matrix of a layout (an expert, a q/k/v block)
+            is processed as its own matrix. A row-sharded ``batch`` tensor (an expert stack
+            sharded by experts) holds whole matrices on every rank and needs no communication.
+        scale: ``(rows, cols) -> factor`` applied to each result matrix (the optimizer's shape
+            scale), with ``(rows, cols)`` the matrix in the layer's ``(out, in)`` orientation.
 
     Returns:
-        One :class:`~orthotorch.functional.Bucket` per shape (and layout) whose ``directions()``
-        are in the parameters' (local) layout.
+        One direction per update, shaped like its local tensor (``local(update)``), in
+        ``compute_dtype``.
     """
+    layouts = [FLATTEN] * len(updates) if layouts is None else list(layouts)
+    if len(layouts) != len(updates):
+        raise ValueError(f"map_matrices: {len(layouts)} layouts for {len(updates)} updates")
     if any(is_dtensor(u) for u in updates):
-        return _map_dtensors(updates, kernel, compute_dtype)
-    world = replicated_world(mode)
+        return _map_dtensors(updates, layouts, kernel, compute_dtype, scale)
+    return _map_plain(updates, layouts, kernel, compute_dtype, scale, replicated_world(mode))[0]
+
+
+def _map_plain(
+    updates: list[Tensor],
+    layouts: list[MatrixLayout],
+    kernel: Kernel,
+    compute_dtype: torch.dtype,
+    scale: Callable[[tuple[int, int]], float] | None,
+    world: tuple[int, int] | None,
+    group: Any = None,
+    counter: int = 0,
+) -> tuple[list[Tensor], int]:
+    """Plain (or local) tensors: every matrix locally, or round-robin owners + all_gather."""
+    matrices = layout_matrices(updates, layouts)
     if world is None:
-        buckets = bucket_by_shape(updates, compute_dtype)
+        buckets = bucket_by_shape(matrices, compute_dtype)
         for b in buckets:
             b.X = kernel(b.X, b.transposed)
             STATS.matrices_processed += len(b.index)
-        return buckets
-    return _map_replicated(updates, kernel, compute_dtype, *world)[0]
+    else:
+        buckets, counter = _map_replicated(matrices, kernel, compute_dtype, *world, group, counter)
+    results: list[Tensor] = [None] * len(matrices)  # type: ignore[list-item]
+    for b in buckets:
+        factor = 1.0 if scale is None else scale(b.shape)
+        if factor != 1.0:
+            b.X.mul_(factor)
+        for j, d in zip(b.index, b.directions(), strict=True):
+            results[j] = d
+    return _assemble(updates, layouts, results, compute_dtype), counter
+
+
+def _assemble(
+    tensors: list[Tensor], layouts: list[MatrixLayout], matrices: list[Tensor], dtype: torch.dtype
+) -> list[Tensor]:
+    """Per-tensor results from per-matrix results (the inverse of ``layout_matrices``)."""
+    out, position = [], 0
+    for t, layout in zip(tensors, layouts, strict=True):
+        count = len(layout.block_shapes(t.shape))
+        blocks = matrices[position : position + count]
+        position += count
+        if layout.is_flatten:
+            out.append(blocks[0].reshape(t.shape))
+            continue
+        result = torch.empty(t.shape, dtype=dtype, device=t.device)
+        for view, block in zip(layout.matrices(result), blocks, strict=True):
+            view.copy_(block)
+        out.append(result)
+    return out
 
 
 def _mesh_of(tensors: Sequence[Tensor], what: str, allow_replicated: bool) -> Any:
@@ -287,28 +343,50 @@ def _mesh_of(tensors: Sequence[Tensor], what: str, allow_replicated: bool) -> An
 
 
 def _map_dtensors(
-    updates: list[Tensor], kernel: Kernel, compute_dtype: torch.dtype
-) -> list[Bucket]:
+    updates: list[Tensor],
+    layouts: list[MatrixLayout],
+    kernel: Kernel,
+    compute_dtype: torch.dtype,
+    scale: Callable[[tuple[int, int]], float] | None,
+) -> list[Tensor]:
     mesh = _mesh_of(updates, "sharded orthogonalization", allow_replicated=True)
-    sharded = [i for i, u in enumerate(updates) if _is_row_sharded(u)]
+    results: list[Tensor] = [None] * len(updates)  # type: ignore[list-item]
+
+    def run(index: list[int], how: Callable[..., tuple[list[Tensor], int]], *args: Any) -> int:
+        directions, counter = how(
+            [updates[i] for i in index], [layouts[i] for i in index], *args
+        )
+        for i, d in zip(index, directions, strict=True):
+            results[i] = d
+        return counter
+
+    # A row-sharded stack of independent matrices (experts sharded by experts) holds whole
+    # matrices on every rank: process them where they are.
+    whole = [i for i, u in enumerate(updates) if _is_row_sharded(u) and layouts[i].batch]
+    sharded = [i for i, u in enumerate(updates) if _is_row_sharded(u) and i not in whole]
     replicated = [i for i, u in enumerate(updates) if not _is_row_sharded(u)]
-    buckets, counter = _map_sharded([updates[i] for i in sharded], kernel, compute_dtype, mesh)
-    for b in buckets:
-        b.index = [sharded[j] for j in b.index]
+    if whole:
+        locals_ = [local(updates[i]) for i in whole]
+        directions, _ = _map_plain(
+            locals_, [layouts[i] for i in whole], kernel, compute_dtype, scale, None
+        )
+        for i, d in zip(whole, directions, strict=True):
+            results[i] = d
+    counter = run(sharded, _map_sharded, kernel, compute_dtype, scale, mesh) if sharded else 0
     if replicated:
-        more, _ = _map_replicated(
+        directions, _ = _map_plain(
             [local(updates[i]) for i in replicated],
+            [layouts[i] for i in replicated],
             kernel,
             compute_dtype,
-            mesh.get_local_rank(),
-            mesh.size(),
-            group=mesh.get_group(),
-            counter=counter,
+            scale,
+            (mesh.get_local_rank(), mesh.size()),
+            mesh.get_group(),
+            counter,
         )
-        for b in more:
-            b.index = [replicated[j] for j in b.index]
-        buckets += more
-    return buckets
+        for i, d in zip(replicated, directions, strict=True):
+            results[i] = d
+    return results
 
 
 def _positions(shapes: Sequence[Any]) -> dict[Any, list[int]]:
@@ -446,24 +524,35 @@ def _from_owners(full: Tensor, ex: _Exchange, mesh: Any) -> list[Tensor]:
 
 
 def _map_sharded(
-    updates: list[Tensor], kernel: Kernel, compute_dtype: torch.dtype, mesh: Any
-) -> tuple[list[Bucket], int]:
+    updates: list[Tensor],
+    layouts: list[MatrixLayout],
+    kernel: Kernel,
+    compute_dtype: torch.dtype,
+    scale: Callable[[tuple[int, int]], float] | None,
+    mesh: Any,
+) -> tuple[list[Tensor], int]:
+    """Row shards to each matrix's owner, the layout's matrices processed there, shards back."""
     rank, world = mesh.get_local_rank(), mesh.size()
-    buckets = []
+    results: list[Tensor] = [None] * len(updates)  # type: ignore[list-item]
     counter = 0
-    for shape, index in _positions([matrix_shape(u.shape) for u in updates]).items():
-        rows, cols = shape
+    keys = [(tuple(u.shape), layouts[i]) for i, u in enumerate(updates)]
+    for (shape, layout), index in _positions(keys).items():
+        rows, cols = matrix_shape(shape)
         owners = [(counter + i) % world for i in range(len(index))]
         counter += len(index)
         chunks = _row_chunks(rows, world)
         shards = [local(updates[i]).reshape(chunks[rank], cols) for i in index]
         full, ex = _to_owners(shards, rows, cols, owners, mesh, compute_dtype)
         if ex.mine:
-            full = _wide(kernel(_wide(full, shape), rows > cols), shape)
-        STATS.matrices_processed += len(ex.mine)
-        directions = _from_owners(full, ex, mesh)
-        buckets.append(Bucket(shape, index, X=torch.empty(0), local_directions=directions))
-    return buckets, counter
+            whole = list(full.view(len(ex.mine), *shape).unbind(0))
+            directions, _ = _map_plain(
+                whole, [layout] * len(whole), kernel, compute_dtype, scale, None
+            )
+            full = torch.stack(directions).view(len(ex.mine), rows, cols)
+        shards_back = _from_owners(full, ex, mesh)
+        for i, d in zip(index, shards_back, strict=True):
+            results[i] = d.reshape(local(updates[i]).shape)
+    return results, counter
 
 
 def _all_to_all(

@@ -4,6 +4,7 @@ from . import symmetry  # registers the symmetry-compatible update rules
 from .adamw import adamw_step_
 from .auon import auon_directions, auon_kernel, hybrid_auon_kernel
 from .checks import maybe_nonfinite
+from .layout import LAYOUT_NAMES, MatrixLayout, check_layout, parse_layout
 from .lowrank import (
     SUBSPACE_FINDERS,
     SubspaceFinder,
@@ -16,7 +17,7 @@ from .lowrank import (
 from .muon import (
     ADJUST_LR_CHOICES,
     Bucket,
-    apply_buckets_,
+    apply_updates_,
     bucket_by_shape,
     matrix_shape,
     nesterov_momentum_,
@@ -27,23 +28,27 @@ from .rules import UpdateRule, available_update_rules, get_update_rule, register
 
 __all__ = [
     "ADJUST_LR_CHOICES",
+    "LAYOUT_NAMES",
     "SUBSPACE_FINDERS",
     "Bucket",
+    "MatrixLayout",
     "SubspaceFinder",
     "UpdateRule",
     "adamw_step_",
-    "apply_buckets_",
+    "apply_updates_",
     "auon_directions",
     "auon_kernel",
     "available_update_rules",
     "back_project",
     "bucket_by_shape",
+    "check_layout",
     "get_update_rule",
     "hybrid_auon_kernel",
     "matrix_shape",
     "maybe_nonfinite",
     "nesterov_momentum_",
     "outlier_threshold",
+    "parse_layout",
     "project",
     "projected_adam_",
     "register_update_rule",

@@ -33,12 +33,10 @@ import torch
 from torch import Tensor
 
 from ..linalg.newton_schulz import MUON_COEFFICIENTS, newton_schulz
-from .muon import Bucket, matrix_shape
 
 __all__ = [
     "NORM_EPS",
     "RMS_EPS",
-    "as_buckets",
     "auon_directions",
     "auon_kernel",
     "cosh_rms",
@@ -79,20 +77,6 @@ def auon_directions(momenta: list[Tensor]) -> list[Tensor]:
     torch._foreach_add_(rms, RMS_EPS)
     torch._foreach_div_(X, rms)
     return X
-
-
-def as_buckets(directions: list[Tensor]) -> list[Bucket]:
-    """One single-matrix :class:`Bucket` per direction, as views (no copy, no stacking).
-
-    Lets the linear-time path reuse the shared apply step; tall matrices are viewed transposed
-    to keep the bucket convention (wide ``X``).
-    """
-    buckets = []
-    for i, u in enumerate(directions):
-        shape = matrix_shape(u.shape)
-        X = u.reshape(shape)
-        buckets.append(Bucket(shape, [i], (X.mT if shape[0] > shape[1] else X).unsqueeze(0)))
-    return buckets
 
 
 def auon_kernel(X: Tensor, transposed: bool) -> Tensor:

@@ -105,21 +105,16 @@ def bucket_by_shape(updates: list[Tensor], compute_dtype: torch.dtype) -> list[B
     return buckets
 
 
-def apply_buckets_(
-    params: list[Tensor],
-    buckets: list[Bucket],
-    *,
-    lr: float,
-    weight_decay: float,
-    scales: list[float],
+def apply_updates_(
+    params: list[Tensor], directions: list[Tensor], *, lr: float, weight_decay: float
 ) -> None:
-    """``p = (1 - lr wd) p - lr * scale * U`` with one foreach call per bucket.
+    """``p = (1 - lr wd) p - lr * D`` with foreach calls (``D`` already carries its scale).
 
-    ``params`` are plain tensors (for FSDP2, the local shards of the parameters).
+    ``params`` are plain tensors (for FSDP2, the local shards of the parameters) and
+    ``directions`` match their shapes (any float dtype; the add promotes).
     """
+    if not params:
+        return
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    for b, scale in zip(buckets, scales, strict=True):
-        targets = [params[i] for i in b.index]
-        directions = [d.reshape(t.shape) for d, t in zip(b.directions(), targets, strict=True)]
-        torch._foreach_add_(targets, directions, alpha=-lr * scale)
+    torch._foreach_add_(params, directions, alpha=-lr)

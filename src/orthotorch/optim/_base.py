@@ -22,11 +22,13 @@ from torch.optim import Optimizer
 from .. import distributed
 from ..distributed import DISTRIBUTED_MODES
 from ..functional import (
-    Bucket,
+    MatrixLayout,
     adamw_step_,
-    apply_buckets_,
+    apply_updates_,
+    check_layout,
     get_update_rule,
     nesterov_momentum_,
+    parse_layout,
 )
 from ..functional.checks import maybe_nonfinite
 
@@ -160,6 +162,11 @@ class OrthogonalOptimizer(Optimizer):
                     "only real floating-point parameters are supported"
                 )
         if algorithm == ADAMW:
+            if group.get("layouts") is not None:
+                raise ValueError(
+                    f"{label}: 'layouts' applies to orthogonalized groups only; AdamW updates "
+                    "are element-wise. Drop the key from this group."
+                )
             betas = group["betas"]
             if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
                 raise ValueError(f"{label}: betas must be a pair (beta1, beta2), got {betas!r}")
@@ -180,6 +187,7 @@ class OrthogonalOptimizer(Optimizer):
             reason = distributed.unsupported_layout(p)
             if reason is not None:
                 raise ValueError(f"{label}: parameter {self._param_label(group, i)}: {reason}")
+        self._validate_layouts(group, label)
         if not self.accepts_update_rules and group.get("update") is not None:
             raise ValueError(
                 f"{label}: update={group['update']!r}, but {type(self).__name__} computes its "
@@ -188,8 +196,79 @@ class OrthogonalOptimizer(Optimizer):
             )
         self._validate_orthogonal_group(group, label)
 
+    def _validate_layouts(self, group: dict[str, Any], label: str) -> None:
+        """Check ``group["layouts"]`` (one matrix layout per parameter; default ``flatten``)
+        against the parameters' shapes and store them in canonical form."""
+        params = group["params"]
+        layouts = group.get("layouts")
+        if layouts is None:
+            group["layouts"] = ["flatten"] * len(params)
+            return
+        if isinstance(layouts, str) or len(layouts) != len(params):
+            raise ValueError(
+                f"{label}: layouts must be a list with one layout per parameter "
+                f"({len(params)}), got {layouts!r}"
+            )
+        canonical = []
+        for i, (p, spec) in enumerate(zip(params, layouts, strict=True)):
+            name = f"parameter {self._param_label(group, i)}"
+            try:
+                canonical.append(check_layout(spec, tuple(p.shape), name))
+            except ValueError as err:
+                raise ValueError(f"{label}: {err}") from None
+        unsupported = sorted({c for c in canonical if not self._supports_layout(parse_layout(c))})
+        if unsupported:
+            raise ValueError(
+                f"{label}: {type(self).__name__} does not support the matrix layouts "
+                f"{', '.join(map(repr, unsupported))} (it keeps per-matrix state of the "
+                "flattened weight); use orthotorch.Muon/ROOT/AuON for them, or route these "
+                "parameters with param_groups(model, layout={pattern: 'flatten'})"
+            )
+        group["layouts"] = canonical
+
+    def _supports_layout(self, layout: MatrixLayout) -> bool:
+        """Whether this optimizer's direction honours ``layout`` (subclasses with per-matrix
+        state of their own narrow this)."""
+        return True
+
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
         """Subclass hook: check the algorithm's own hyperparameters (raise ``ValueError``)."""
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict``, refusing (before anything changes) a checkpoint of
+        another optimizer or one whose parameters had other matrix layouts."""
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        name = type(self).__name__
+        saved_groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            return  # torch.optim raises its own error for these
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            saved_algorithm = saved.get("algorithm")
+            if saved_algorithm != group["algorithm"]:
+                raise ValueError(
+                    f"{name}.load_state_dict: param group {index} was saved with algorithm "
+                    f"{saved_algorithm!r} (another optimizer's checkpoint), but this {name} "
+                    f"group runs {group['algorithm']!r}; load it into the optimizer that saved "
+                    "it. Nothing was changed."
+                )
+            if group["algorithm"] == ADAMW:
+                continue
+            mine = group.get("layouts") or ["flatten"] * len(group["params"])
+            theirs = saved.get("layouts") or ["flatten"] * len(saved.get("params", ()))
+            if len(theirs) != len(mine):
+                continue  # torch.optim raises its own error for a size mismatch
+            for i, (a, b) in enumerate(zip(mine, theirs)):
+                if str(parse_layout(b)) != a:
+                    raise ValueError(
+                        f"{name}.load_state_dict: parameter {self._param_label(group, i)} of "
+                        f"param group {index} was saved with matrix layout {b!r}, but this "
+                        f"optimizer uses {a!r}; build the optimizer with the checkpoint's "
+                        "layout (param_groups(model, layout=...)). Nothing was changed."
+                    )
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -319,15 +398,22 @@ class OrthogonalOptimizer(Optimizer):
         states = [self.state[p] for p in params]
         self._init_state(group, params, states)
         momenta = self._momentum(group, grads, states)
-        buckets = self._direction(group, momenta, states)
-        scales = [self._scale(group, b.shape) for b in buckets]
-        apply_buckets_(
+        directions = self._direction(group, momenta, states, self._layouts_of(group, params))
+        apply_updates_(
             [distributed.local(p) for p in params],
-            buckets,
+            directions,
             lr=group["lr"],
             weight_decay=group["weight_decay"],
-            scales=scales,
         )
+
+    @staticmethod
+    def _layouts_of(group: dict[str, Any], params: list[Tensor]) -> list[MatrixLayout]:
+        """The parsed layout of each of ``params`` (a subset of the group's, in order)."""
+        specs = group.get("layouts")
+        if specs is None:
+            return [parse_layout(None)] * len(params)
+        position = {id(p): i for i, p in enumerate(group["params"])}
+        return [parse_layout(specs[position[id(p)]]) for p in params]
 
     # ------------------------------------------------------------------ subclass hooks
     # The defaults implement the (Nesterov) momentum that Muon, ROOT and AuON share; an
@@ -352,13 +438,31 @@ class OrthogonalOptimizer(Optimizer):
         return nesterov_momentum_(grads, bufs, group["momentum"], group["nesterov"])
 
     def _direction(
-        self, group: dict[str, Any], momenta: list[Tensor], states: list[dict[str, Any]]
-    ) -> list[Bucket]:
-        """Default: the group's registered update rule (``group["update"]``), run on whole
-        matrices by :func:`orthotorch.distributed.map_matrices` (which splits the work across
-        ranks under DDP/FSDP2)."""
+        self,
+        group: dict[str, Any],
+        momenta: list[Tensor],
+        states: list[dict[str, Any]],
+        layouts: list[MatrixLayout],
+    ) -> list[Tensor]:
+        """The scaled update direction of each parameter, shaped like its local tensor.
+
+        Default: the group's registered update rule (``group["update"]``), run on every matrix
+        of each parameter's layout by :func:`orthotorch.distributed.map_matrices` (which splits
+        the work across ranks under DDP/FSDP2), each matrix scaled by :meth:`_scale`.
+        """
         kernel, compute_dtype = get_update_rule(group["update"]).prepare(group)
-        return distributed.map_matrices(momenta, kernel, compute_dtype, self.distributed)
+        return distributed.map_matrices(
+            momenta,
+            kernel,
+            compute_dtype,
+            self.distributed,
+            layouts=layouts,
+            scale=self._scale_fn(group),
+        )
+
+    def _scale_fn(self, group: dict[str, Any]) -> Callable[[tuple[int, int]], float]:
+        """:meth:`_scale` of this group as a function of a matrix's ``(rows, cols)``."""
+        return lambda shape: self._scale(group, shape)
 
     def _scale(self, group: dict[str, Any], shape: tuple[int, int]) -> float:
         raise NotImplementedError

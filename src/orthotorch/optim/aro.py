@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as dist
-from ..functional import Bucket, matrix_shape
+from ..functional import MatrixLayout, matrix_shape
 from ..functional.aro import MATMUL_DTYPES, RMS_SCALE, aro_kernel, pack, rotation_layout
 from ._base import OrthogonalOptimizer, check_range
 
@@ -159,9 +158,18 @@ class ARO(OrthogonalOptimizer):
         torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
         return bufs
 
+    def _supports_layout(self, layout: MatrixLayout) -> bool:
+        # The rotation is state of the flattened weight's rows; per-block rotations (experts,
+        # fused projections) are not implemented.
+        return layout.is_flatten
+
     def _direction(
-        self, group: dict[str, Any], momenta: list[Tensor], states: list[dict[str, Any]]
-    ) -> list[Bucket]:
+        self,
+        group: dict[str, Any],
+        momenta: list[Tensor],
+        states: list[dict[str, Any]],
+        layouts: list[MatrixLayout],
+    ) -> list[Tensor]:
         # QR has no bf16 kernel, and the rotation is accumulated: compute in float32 at least.
         compute = torch.float64 if momenta[0].dtype == torch.float64 else torch.float32
         rotations = [s["rotation"] for s in states]
@@ -171,12 +179,7 @@ class ARO(OrthogonalOptimizer):
         # agreed across ranks), so every rank makes the same calls.
         every = group["rotation_every"]
         refresh = [s["step"] % every == 0 for s in states]
-        # Every rank gets back its (local) rows of every [D | R_t]: store the rotation rows,
-        # and regroup the direction views by parameter shape for the shared apply step, which
-        # takes them as they are (no stacking copy).
-        by_shape: dict[tuple[int, int], tuple[list[int], list[Tensor]]] = defaultdict(
-            lambda: ([], [])
-        )
+        directions: list[Tensor] = [None] * len(momenta)  # type: ignore[list-item]
         for flag in (True, False):
             chosen = [i for i, f in enumerate(refresh) if f == flag]
             if not chosen:
@@ -187,24 +190,20 @@ class ARO(OrthogonalOptimizer):
                 refresh=flag,
                 dtype=group["matmul_dtype"],
             )
-            buckets = dist.map_matrices(
+            # Every rank gets back its (local) rows of every [D | R_t]: store the rotation rows
+            # and keep the direction as a view.
+            results = dist.map_matrices(
                 [packed[i] for i in chosen], kernel, compute, self.distributed
             )
-            for b in buckets:
-                for j, y in zip(b.index, b.directions(), strict=True):
-                    i = chosen[j]
-                    shape = matrix_shape(momenta[i].shape)
-                    if flag:
-                        dist.local(rotations[i]).copy_(y[:, shape[1] :])
-                    index, directions = by_shape[shape]
-                    index.append(i)
-                    directions.append(y[:, : shape[1]])
+            for i, y in zip(chosen, results, strict=True):
+                cols = matrix_shape(momenta[i].shape)[1]
+                if flag:
+                    dist.local(rotations[i]).copy_(y[:, cols:])
+                local_shape = dist.local(momenta[i]).shape
+                directions[i] = y[:, :cols].mul(group["rms_scale"]).reshape(local_shape)
         for state in states:
             state["step"] += 1
-        return [
-            Bucket(shape, index, X=torch.empty(0), local_directions=directions)
-            for shape, (index, directions) in by_shape.items()
-        ]
+        return directions
 
     def _scale(self, group: dict[str, Any], shape: tuple[int, int]) -> float:
         return group["rms_scale"]

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import distributed as dist
-from ..functional import Bucket
-from ..functional.auon import as_buckets, auon_directions, auon_kernel, hybrid_auon_kernel
+from ..functional import MatrixLayout, matrix_shape
+from ..functional.auon import auon_directions, auon_kernel, hybrid_auon_kernel
 from ..linalg import get_method
 from ._base import OrthogonalOptimizer
 
@@ -120,15 +120,28 @@ class AuON(OrthogonalOptimizer):
             raise ValueError(f"{label}: ns_dtype must be None or one of {names}, got {dtype!r}")
 
     def _direction(
-        self, group: dict[str, Any], momenta: list[Tensor], states: list[dict[str, Any]]
-    ) -> list[Bucket]:
+        self,
+        group: dict[str, Any],
+        momenta: list[Tensor],
+        states: list[dict[str, Any]],
+        layouts: list[MatrixLayout],
+    ) -> list[Tensor]:
+        scale = self._scale_fn(group)
         if group["hybrid"]:
             compute = group["ns_dtype"] or get_method("muon").default_dtype
-            return dist.map_matrices(momenta, hybrid_auon_kernel, compute, self.distributed)
-        if any(dist.is_dtensor(m) for m in momenta):
-            # ||M||_F of a sharded matrix needs all of it: let map_matrices gather whole ones.
-            return dist.map_matrices(momenta, auon_kernel, momenta[0].dtype, self.distributed)
-        return as_buckets(auon_directions(momenta))
+            kernel, dtype = hybrid_auon_kernel, compute
+        elif any(dist.is_dtensor(m) for m in momenta) or not all(l.is_flatten for l in layouts):
+            # ||M||_F of a sharded matrix needs all of it (and each block of a layout its
+            # own): let map_matrices gather whole matrices.
+            kernel, dtype = auon_kernel, momenta[0].dtype
+        else:
+            return [
+                d.mul_(scale(matrix_shape(m.shape)))
+                for d, m in zip(auon_directions(momenta), momenta, strict=True)
+            ]
+        return dist.map_matrices(
+            momenta, kernel, dtype, self.distributed, layouts=layouts, scale=scale
+        )
 
     def _scale(self, group: dict[str, Any], shape: tuple[int, int]) -> float:
         rows, cols = shape

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..distributed import DistributedMode
-from ..functional import Bucket, matrix_shape, nesterov_momentum_, shape_scale
+from ..functional import MatrixLayout, matrix_shape, nesterov_momentum_, shape_scale
 from ..functional.lowrank import (
     DCT_FINDER,
     SVD_FINDER,
@@ -69,11 +69,13 @@ class _Projected(list):
         projectors: list[Tensor],
         shapes: list[tuple[int, int]],
         sharded: list[bool],
+        local_shapes: list[torch.Size],
     ) -> None:
         super().__init__(momenta)
         self.projectors = projectors
         self.shapes = shapes
         self.sharded = sharded
+        self.local_shapes = local_shapes
 
 
 class _LowRankAdamW(OrthogonalOptimizer):
@@ -246,12 +248,13 @@ class _LowRankAdamW(OrthogonalOptimizer):
     ) -> list[Tensor]:
         self._refresh_subspaces(group, grads, states)
         projected, projectors, shapes, sharded = self._project(grads, states)
+        local_shapes = [distributed.local(G).shape for G in grads]
         if group["orthogonalize"]:
             for s in states:
                 s["step"] += 1
             bufs = [distributed.local(s["momentum_buffer"]) for s in states]
             momenta = nesterov_momentum_(projected, bufs, group["momentum"], group["nesterov"])
-            return _Projected(momenta, projectors, shapes, sharded)
+            return _Projected(momenta, projectors, shapes, sharded, local_shapes)
         beta1, beta2 = group["betas"]
         directions = projected_adam_(
             projected,
@@ -262,11 +265,21 @@ class _LowRankAdamW(OrthogonalOptimizer):
             beta2=beta2,
             eps=group["eps"],
         )
-        return _Projected(directions, projectors, shapes, sharded)
+        return _Projected(directions, projectors, shapes, sharded, local_shapes)
+
+    def _supports_layout(self, layout: MatrixLayout) -> bool:
+        # The subspace (DCT columns, SVD basis) and the projected moments are state of the
+        # flattened weight; per-block subspaces (experts, fused projections) are not
+        # implemented.
+        return layout.is_flatten
 
     def _direction(
-        self, group: dict[str, Any], momenta: list[Tensor], states: list[dict[str, Any]]
-    ) -> list[Bucket]:
+        self,
+        group: dict[str, Any],
+        momenta: list[Tensor],
+        states: list[dict[str, Any]],
+        layouts: list[MatrixLayout],
+    ) -> list[Tensor]:
         assert isinstance(momenta, _Projected), "_direction takes _momentum's return value"
         projected = momenta
         directions: list[Tensor] = list(projected)
@@ -285,18 +298,19 @@ class _LowRankAdamW(OrthogonalOptimizer):
                 distributed.wrap_like(D, s["momentum_buffer"])
                 for D, s in zip(projected, states, strict=True)
             ]
-            for b in distributed.map_matrices(wrapped, kernel, compute, self.distributed):
-                for i, d in zip(b.index, b.directions(), strict=True):
-                    directions[i] = d
-        buckets = []
+            directions = distributed.map_matrices(wrapped, kernel, compute, self.distributed)
+        updates = []
         for i, (D, P) in enumerate(zip(directions, projected.projectors, strict=True)):
             shape = projected.shapes[i]
             if projected.sharded[i]:
                 U = back_project_rows(D, P, tall=shape[0] > shape[1])
-                buckets.append(Bucket(shape, [i], torch.empty(0), local_directions=[U]))
             else:
-                buckets.append(Bucket(shape, [i], back_project(D, P).unsqueeze(0)))
-        return buckets
+                # back_project gives the wide orientation; tall weights are its transpose.
+                U = back_project(D, P)
+                U = U.mT if shape[0] > shape[1] else U
+            U = U.mul_(self._scale(group, shape))
+            updates.append(U.reshape(projected.local_shapes[i]))
+        return updates
 
     def _scale(self, group: dict[str, Any], shape: tuple[int, int]) -> float:
         if group["orthogonalize"]:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed as dist
-from ..functional import ADJUST_LR_CHOICES, Bucket, shape_scale
+from ..functional import ADJUST_LR_CHOICES, MatrixLayout, shape_scale
 from ..functional.root import DEFAULT_QUANTILE_SAMPLES, root_kernel
 from ..linalg import resolve_compute
 from ._base import OrthogonalOptimizer, check_range
@@ -152,8 +152,12 @@ class ROOT(OrthogonalOptimizer):
             raise ValueError(f"{label}: {err}") from None
 
     def _direction(
-        self, group: dict[str, Any], momenta: list[Tensor], states: list[dict[str, Any]]
-    ) -> list[Bucket]:
+        self,
+        group: dict[str, Any],
+        momenta: list[Tensor],
+        states: list[dict[str, Any]],
+        layouts: list[MatrixLayout],
+    ) -> list[Tensor]:
         spec, steps, compute = resolve_compute(
             group["ns_method"], group["ns_steps"], group["ns_dtype"]
         )
@@ -164,7 +168,14 @@ class ROOT(OrthogonalOptimizer):
             quantile_samples=group["quantile_samples"],
         )
         # Whole matrices per rank: the clip threshold is a quantile of the entire matrix.
-        return dist.map_matrices(momenta, kernel, compute, self.distributed)
+        return dist.map_matrices(
+            momenta,
+            kernel,
+            compute,
+            self.distributed,
+            layouts=layouts,
+            scale=self._scale_fn(group),
+        )
 
     def _scale(self, group: dict[str, Any], shape: tuple[int, int]) -> float:
         return shape_scale(shape, group["adjust_lr"])

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import distributed
-from ..functional import apply_buckets_
+from ..functional import MatrixLayout, apply_updates_, parse_layout
 from ..functional.checks import maybe_nonfinite
 from ..linalg.spectral import (
     DEFAULT_POLISH_STEPS,
@@ -219,12 +219,8 @@ class SPECTRA(Optimizer):
             pre = self._threshold(group, "pre_clip")
             if pre is not None:
                 grads = [p.grad for p in params]
-                buckets = self._map(grads, pre)
-                for b in buckets:
-                    for i, d in zip(b.index, b.directions(), strict=True):
-                        distributed.local(grads[i]).copy_(
-                            d.reshape(distributed.local(grads[i]).shape)
-                        )
+                clipped = self._map(grads, pre, self._layouts(group, params))
+                torch._foreach_copy_([distributed.local(g) for g in grads], clipped)
             lr = float(group["lr"])
             # lr = 0 makes no step from which U could be recovered (and none is taken).
             if self._threshold(group, "clip") is not None and lr > 0:
@@ -243,18 +239,35 @@ class SPECTRA(Optimizer):
             updates = [
                 recover_update(x, p.detach(), lr, wd) for x, p in zip(before, params, strict=True)
             ]
-            buckets = self._map(updates, self._threshold(group, "clip"))
+            directions = self._map(
+                updates, self._threshold(group, "clip"), self._layouts(group, params), scaled=True
+            )
             local = [distributed.local(p) for p in params]
             torch._foreach_copy_(local, [distributed.local(x) for x in before])
-            scales = [math.sqrt(max(1.0, b.shape[0] / b.shape[1])) for b in buckets]
-            apply_buckets_(local, buckets, lr=lr, weight_decay=wd, scales=scales)
+            apply_updates_(local, directions, lr=lr, weight_decay=wd)
         return loss
 
-    def _map(self, tensors: list[Tensor], c: float) -> list:
+    @staticmethod
+    def _layouts(group: dict[str, Any], params: list[Tensor]) -> list[MatrixLayout]:
+        """Each parameter's matrix layout (``group["layouts"]`` from param_groups; else
+        ``flatten``): an expert stack or a fused projection is clipped per matrix."""
+        specs = group.get("layouts")
+        if specs is None or group.get("algorithm") == "adamw":
+            return [parse_layout(None)] * len(params)
+        position = {id(p): i for i, p in enumerate(group["params"])}
+        return [parse_layout(specs[position[id(p)]]) for p in params]
+
+    def _map(
+        self, tensors: list[Tensor], c: float, layouts: list[MatrixLayout], scaled: bool = False
+    ) -> list[Tensor]:
         kernel, compute = spectral_clip_kernel(
             c, self.method, self.steps, self.dtype, self.polish_steps, self.route
         )
-        return distributed.map_matrices(tensors, kernel, compute, self.distributed)
+        # The clipped update keeps the shape scale sqrt(max(1, rows/cols)) of the paper's code.
+        scale = (lambda shape: math.sqrt(max(1.0, shape[0] / shape[1]))) if scaled else None
+        return distributed.map_matrices(
+            tensors, kernel, compute, self.distributed, layouts=layouts, scale=scale
+        )
 
     def _check_finite(self) -> None:
         """Raise before anything changes when any gradient is NaN/Inf (decided on all ranks)."""
