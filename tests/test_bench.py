@@ -62,7 +62,7 @@ def test_unknown_names_list_choices():
     with pytest.raises(ValueError, match="valid optimizers: adamw, muon"):
         bench.get_optimizer("nope")
     with pytest.raises(ValueError, match="not being compared"):
-        bench.compare("matrix", ["adamw"], steps=1, seeds=1, lr={"muon": 0.1}, progress=False)
+        bench.compare("matrix", optimizers=["adamw"], steps=1, seeds=1, lr={"muon": 0.1}, progress=False)
 
 
 def test_register_optimizer_is_one_entry(monkeypatch):
@@ -71,7 +71,9 @@ def test_register_optimizer_is_one_entry(monkeypatch):
         "sgd", lambda m, lr, _: torch.optim.SGD(m.parameters(), lr=lr), lr={"*": 0.1}
     )
     bench.register_optimizer(spec, overwrite=True)
-    result = bench.compare("matrix", ["adamw", "sgd"], steps=3, seeds=1, progress=False)
+    result = bench.compare(
+        "matrix", optimizers=["adamw", "sgd"], steps=3, seeds=1, progress=False, sweep=False
+    )
     assert result.optimizers() == ["adamw", "sgd"]
 
 
@@ -108,8 +110,8 @@ def _curves(result: CompareResult) -> list:
 @pytest.mark.parametrize("task", ["bytelm", "digits"])
 def test_same_seed_gives_identical_curves(task):
     kwargs = dict(steps=3, seeds=[3], eval_every=3, progress=False)
-    first = bench.compare(task, ["adamw", "muon"], **kwargs)
-    second = bench.compare(task, ["adamw", "muon"], **kwargs)
+    first = bench.compare(task, optimizers=["adamw", "muon"], **kwargs)
+    second = bench.compare(task, optimizers=["adamw", "muon"], **kwargs)
     assert _curves(first) == _curves(second)
     # Runs are paired by seed: the same initial model, so the same step-0 evaluation.
     zero = {r.optimizer: r.metrics[first.metric][0] for r in first.runs}
@@ -134,12 +136,13 @@ def test_custom_task_and_factories(tmp_path):
 
     result = bench.compare(
         regression,
-        {"adamw": "adamw", "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.05)},
+        optimizers={"adamw": "adamw", "sgd": lambda m: torch.optim.SGD(m.parameters(), lr=0.05)},
         steps=6,
         seeds=2,
         eval_every=3,
         out=tmp_path,
         progress=False,
+        sweep=False,
     )
     assert result.task == "regression" and result.complete
     assert [s.optimizer for s in result.summary()] == ["adamw", "sgd"]
@@ -164,7 +167,7 @@ class _NaNAfter(torch.optim.SGD):
 def test_nan_loss_marks_diverged_and_continues(tmp_path):
     result = bench.compare(
         "matrix",
-        {"bad": lambda m: _NaNAfter(m.parameters(), lr=0.01), "adamw": "adamw"},
+        optimizers={"bad": lambda m: _NaNAfter(m.parameters(), lr=0.01), "adamw": "adamw"},
         steps=6,
         seeds=2,
         eval_every=2,
@@ -194,7 +197,9 @@ def test_nan_gradient_valueerror_marks_diverged():
 
         return bench.TaskSetup(model, itertools.repeat(None), loss)
 
-    result = bench.compare(nan_grad, ["muon"], steps=3, seeds=1, progress=False)
+    result = bench.compare(
+        nan_grad, optimizers=["muon"], steps=3, seeds=1, progress=False, sweep=False
+    )
     (run,) = result.runs
     assert run.diverged and run.diverged_at == 1 and "NaN" in run.error
 
@@ -207,7 +212,7 @@ def test_partial_results_survive_an_interrupt(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         bench.compare(
             "matrix",
-            {"adamw": "adamw", "stop": lambda m: Interrupt(m.parameters(), lr=0.1)},
+            optimizers={"adamw": "adamw", "stop": lambda m: Interrupt(m.parameters(), lr=0.1)},
             steps=3,
             seeds=1,
             out=tmp_path,

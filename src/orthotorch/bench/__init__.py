@@ -30,32 +30,47 @@ from .optimizers import (
     register_optimizer,
 )
 from .report import CompareResult, RunRecord, Summary
-from .runner import DEFAULT_OPTIMIZERS, compare
-from .tasks import TASKS, Task, TaskSetup, available_tasks, get_task, stdlib_corpus
+from .runner import DEFAULT_OPTIMIZERS, RunFailedError, compare, factory_task
+from .schedules import SCHEDULES, Schedule, available_schedules
+from .sweep import SweepResult, lr_grid, pick_best
+from .tasks import TASKS, Task, TaskSetup, available_tasks, bytelm_task, get_task, stdlib_corpus
+from .text import MODEL_PRESETS, TextCorpus, load_text_corpus
 
 __all__ = [
     "DEFAULT_OPTIMIZERS",
+    "MODEL_PRESETS",
     "OPTIMIZERS",
+    "SCHEDULES",
     "TASKS",
     "BenchResult",
     "CompareResult",
     "KernelTiming",
     "OptimizerSpec",
+    "RunFailedError",
     "RunRecord",
+    "Schedule",
     "StepTiming",
     "Summary",
+    "SweepResult",
     "Task",
     "TaskSetup",
+    "TextCorpus",
     "TorchMuonWithAdamW",
     "available_optimizers",
+    "available_schedules",
     "available_tasks",
     "bench",
     "bench_kernels",
     "bench_steps",
+    "bytelm_task",
     "compare",
+    "factory_task",
     "get_optimizer",
     "get_task",
+    "load_text_corpus",
+    "lr_grid",
     "optimizer_state_bytes",
+    "pick_best",
     "register_optimizer",
     "stdlib_corpus",
 ]

@@ -50,12 +50,21 @@ class OptimizerSpec:
             :func:`orthotorch.param_groups`, a list of groups is used as given.
         lr: default ``lr`` per task name; the key ``"*"`` is the fallback for other tasks.
         description: one line for help texts and reports.
+        tuned: the tasks whose ``lr`` entry came from a sweep (``compare`` then runs that lr
+            as is unless asked to sweep); ``None``: every task key of ``lr`` except ``"*"``.
+            Any other lr is only the centre of the sweep grid.
     """
 
     name: str
     factory: OptimizerFactory
     lr: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
+    tuned: tuple[str, ...] | None = None
+
+    def is_tuned(self, task: str) -> bool:
+        """Whether the default lr of ``task`` was tuned for it (else ``compare`` sweeps)."""
+        tuned = self.tuned if self.tuned is not None else tuple(k for k in self.lr if k != "*")
+        return task in tuned
 
     def default_lr(self, task: str) -> float:
         """The default learning rate of this optimizer on ``task``."""
@@ -152,6 +161,15 @@ class TorchMuonWithAdamW:
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict["optimizers"]
+        if len(states) != len(self.optimizers):
+            raise ValueError(
+                f"state_dict has {len(states)} optimizers, this object {len(self.optimizers)}"
+            )
+        for opt, state in zip(self.optimizers, states):
+            opt.load_state_dict(state)
 
 
 def _torch_muon(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> TorchMuonWithAdamW:
@@ -288,6 +306,7 @@ register_optimizer(
         _spectra_adamw,
         lr={"bytelm": 4e-3, "digits": 3e-3, "matrix": 1e-3, "*": 1e-3},
         description="SPECTRA(torch.optim.AdamW): AdamW's update soft-clipped at spectral norm 10",
+        tuned=("bytelm",),
     )
 )
 register_optimizer(
@@ -300,6 +319,7 @@ register_optimizer(
         lr={"bytelm": 0.02, "digits": 0.01, "matrix": 5e-3, "*": 0.02},
         description="orthotorch.Muon over param_groups(policy='symmetry'): row_norm embedding, "
         "centered_row_norm head, row/col_norm MLP (lr x 0.125), spectral attention",
+        tuned=(),
     )
 )
 register_optimizer(
@@ -309,6 +329,7 @@ register_optimizer(
         lr={"bytelm": 0.02, "digits": 0.01, "matrix": 5e-3, "*": 0.02},
         description="orthotorch.Muon, symmetry rules on the embedding (row_norm) and head "
         "(centered_row_norm) only; spectral hidden matrices incl. the MLP",
+        tuned=(),
     )
 )
 register_optimizer(
@@ -317,6 +338,7 @@ register_optimizer(
         _aro,
         lr={"bytelm": 1e-3, "digits": 3e-3, "matrix": 3e-3, "*": 1e-3},
         description="orthotorch.ARO (rotated SinkGD, RMS-matched to AdamW) + AdamW groups",
+        tuned=(),
     )
 )
 
@@ -337,6 +359,7 @@ register_optimizer(
         _aro_bf16,
         lr={"bytelm": 1e-3, "digits": 3e-3, "matrix": 3e-3, "*": 1e-3},
         description="orthotorch.ARO with matmul_dtype=bf16 (QR, scalings, state float32)",
+        tuned=(),
     )
 )
 
@@ -372,4 +395,4 @@ for _name, _factory, _lr, _text in (
 ):
     # ROOT's default scale (0.2 sqrt(max(m, n))) matches AdamW's update RMS: reuse AdamW's lrs.
     lrs = OPTIMIZERS["adamw"].lr if _lr is None else {"*": _lr}
-    register_optimizer(OptimizerSpec(_name, _factory, lr=lrs, description=_text))
+    register_optimizer(OptimizerSpec(_name, _factory, lr=lrs, description=_text, tuned=()))

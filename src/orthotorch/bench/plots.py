@@ -32,8 +32,9 @@ def _curves(result: CompareResult, name: str, x_key: str) -> tuple[np.ndarray, n
 def plot_comparison(result: CompareResult, out: str | Path) -> list[Path]:
     """Write ``loss_vs_step.png`` and ``loss_vs_time.png`` into ``out``; returns the paths.
 
-    One line per optimizer (mean over seeds), a band from the best to the worst seed, and an
-    ``x`` where a run diverged (its label says so).
+    Versus step: one line per optimizer (mean over seeds) and a band from the best to the worst
+    seed. Versus time: one line per seed, each on its own clock (training time from the end of
+    its first step). An ``x`` marks where a run diverged, a ``|`` where the time budget ended it.
     """
     import matplotlib
 
@@ -45,28 +46,44 @@ def plot_comparison(result: CompareResult, out: str | Path) -> list[Path]:
     target, _ = result.resolved_target()
     for filename, x_key, xlabel in (
         (PLOTS[0], "eval_steps", "step"),
-        (PLOTS[1], "eval_time_s", "training wall time (s)"),
+        (PLOTS[1], "eval_time_s", "training time since the end of step 1 (s), each seed's clock"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
         for k, name in enumerate(result.optimizers()):
             color = f"C{k}"
             xs, values, runs = _curves(result, name, x_key)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: diverged
-                # Mean over the seeds still running at each point; time axis averaged likewise.
-                x = np.nanmean(xs, axis=0)
-                mean = np.nanmean(values, axis=0)
-                lo, hi = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
             diverged = sum(r.diverged for r in runs)
             label = name + (f" (diverged {diverged}/{len(runs)})" if diverged else "")
-            ax.plot(x, mean, color=color, label=label, lw=1.6)
-            if len(runs) > 1:
-                ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+            if x_key == "eval_time_s":
+                # One line per seed on its own clock: averaging time axes would let one stalled
+                # seed (another process took the CPU) shift the whole curve.
+                for i in range(len(runs)):
+                    ax.plot(
+                        xs[i],
+                        values[i],
+                        color=color,
+                        lw=1.2,
+                        alpha=0.8,
+                        label=label if i == 0 else None,
+                    )
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: diverged
+                    # Mean over the seeds still running at each point.
+                    x = np.nanmean(xs, axis=0)
+                    mean = np.nanmean(values, axis=0)
+                    lo, hi = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+                ax.plot(x, mean, color=color, label=label, lw=1.6)
+                if len(runs) > 1:
+                    ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
             for r in runs:
                 if r.diverged and r.eval_steps:
                     at = getattr(r, x_key)[-1]
                     finite = [v for v in r.metrics[result.metric] if np.isfinite(v)]
                     ax.plot([at], [finite[-1] if finite else np.nan], "x", color=color, ms=9, mew=2)
+                if r.budget_stopped and r.eval_steps:
+                    at = getattr(r, x_key)[-1]
+                    ax.plot([at], [r.metrics[result.metric][-1]], "|", color=color, ms=12, mew=2)
         if target is not None:
             ax.axhline(target, color="grey", ls=":", lw=1, label=f"target {target:.4g}")
         if result.log_y:
@@ -74,7 +91,8 @@ def plot_comparison(result: CompareResult, out: str | Path) -> list[Path]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(result.metric_label)
         seeds = len(result.config.get("seeds", []))
-        ax.set_title(f"{result.task}: mean over {seeds} seed(s), band = min..max")
+        how = "one line per seed" if x_key == "eval_time_s" else "mean, band = min..max"
+        ax.set_title(f"{result.task}: {seeds} seed(s), {how}")
         ax.grid(alpha=0.3)
         ax.legend()
         _zoom(ax, result)

@@ -20,7 +20,7 @@ import torch
 
 from .._version import __version__
 
-__all__ = ["CompareResult", "RunRecord", "Summary", "environment"]
+__all__ = ["CompareResult", "RunRecord", "Summary", "environment", "finite_json"]
 
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
@@ -51,26 +51,53 @@ class RunRecord:
     """One training run (one optimizer, one seed): every curve it produced.
 
     ``metrics[k][i]`` was measured after ``eval_steps[i]`` steps, when ``eval_time_s[i]`` seconds
-    of training (evaluation excluded) had elapsed; ``train_loss`` and ``step_time_s`` have one
-    entry per completed step.
+    of training had elapsed on this run's own clock: the sum of its step times from step 2 on
+    (evaluations excluded; the first step, which pays for allocation and kernel selection, and
+    the time before it start no clock). ``train_loss``, ``step_time_s`` and ``lr_factor`` (the
+    schedule multiplier of each step) have one entry per completed step.
+
+    ``phase`` is ``"final"`` (a reported run) or ``"tune"`` (a sweep run on a tuning seed);
+    ``budget_stopped`` marks a run ended by the per-run time budget at step ``stopped_at``;
+    ``resumed_from`` is the checkpoint step it continued from (``None``: ran in one go).
     """
 
     optimizer: str
     seed: int
     lr: float | None
+    adamw_lr: float | None = None
+    phase: str = "final"
     eval_steps: list[int] = field(default_factory=list)
     eval_time_s: list[float] = field(default_factory=list)
     metrics: dict[str, list[float]] = field(default_factory=dict)
     train_loss: list[float] = field(default_factory=list)
     step_time_s: list[float] = field(default_factory=list)
+    lr_factor: list[float] = field(default_factory=list)
     state_bytes: int = 0
     diverged: bool = False
     diverged_at: int | None = None
     error: str | None = None
+    budget_stopped: bool = False
+    stopped_at: int | None = None
+    resumed_from: int | None = None
 
     def mark_diverged(self, step: int, why: str) -> None:
         """Record that the run stopped at ``step`` because of a NaN/Inf (``why``)."""
         self.diverged, self.diverged_at, self.error = True, step, why
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (non-finite values are left to :func:`finite_json`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        """Inverse of :meth:`to_dict` (``null`` curve values, written for NaN, come back NaN)."""
+        data = dict(data)
+        data["metrics"] = {
+            k: [math.nan if v is None else v for v in vs] for k, vs in data["metrics"].items()
+        }
+        data["train_loss"] = [math.nan if v is None else v for v in data["train_loss"]]
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -79,8 +106,10 @@ class Summary:
 
     optimizer: str
     lr: float | None
+    lr_source: str
     seeds: int
     diverged: int
+    budget_stopped: int
     final: float | None
     final_std: float | None
     final_range: tuple[float, float] | None
@@ -122,6 +151,9 @@ class CompareResult:
         runs: one :class:`RunRecord` per (optimizer, seed), in run order.
         target: explicit target, or ``None`` for the baseline's (AdamW's) mean final value.
         complete: ``False`` while a comparison is still running (partial files).
+        sweeps: per swept optimizer, its :class:`~orthotorch.bench.sweep.SweepResult` as a dict
+            (grid, scores, chosen lr, edge flag, tuning seeds).
+        tuning_runs: the sweep runs (on the tuning seeds; never part of the summary).
     """
 
     task: str
@@ -134,6 +166,8 @@ class CompareResult:
     target: float | None = None
     complete: bool = False
     extra_metrics: tuple[str, ...] = ()
+    sweeps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tuning_runs: list[RunRecord] = field(default_factory=list)
 
     # ------------------------------------------------------------------ summaries
     def optimizers(self) -> list[str]:
@@ -213,12 +247,15 @@ class CompareResult:
                 if values:
                     extras[key] = statistics.fmean(values)
             all_reached = ok and len(hits_step) == len(ok)
+            info = self.config.get("optimizers", {}).get(name, {})
             rows.append(
                 Summary(
                     optimizer=name,
                     lr=runs[0].lr,
+                    lr_source=info.get("lr_source", ""),
                     seeds=len(runs),
                     diverged=len(runs) - len(ok),
+                    budget_stopped=sum(r.budget_stopped for r in runs),
                     final=_mean(finals),
                     final_std=statistics.stdev(finals) if len(finals) > 1 else None,
                     final_range=(min(finals), max(finals)) if finals else None,
@@ -260,9 +297,42 @@ class CompareResult:
             parts.append("Differences from AdamW could not be assessed (one seed or divergence).")
         return " ".join(parts)
 
+    def sweep_notes(self) -> list[str]:
+        """One line per swept optimizer whose chosen lr sits at an edge of its grid."""
+        return [
+            f"WARNING: {name}'s best lr {sw['chosen_lr']:.3g} is at the edge of its sweep grid "
+            f"[{sw['grid'][0]:.3g} .. {sw['grid'][-1]:.3g}]: the optimum may lie outside."
+            for name, sw in self.sweeps.items()
+            if sw.get("at_edge")
+        ]
+
+    def sweep_markdown(self) -> list[str]:
+        """The sweeps as a Markdown section: each grid lr's mean tuning-seed score."""
+        if not self.sweeps:
+            return []
+        md = [
+            "## Learning-rate sweeps",
+            "",
+            f"Score: mean final {self.metric_label} over the tuning seeds (disjoint from the "
+            "reported seeds); inf = diverged. The chosen lr is in bold.",
+            "",
+        ]
+        for name, sw in self.sweeps.items():
+            cells = [
+                (
+                    f"**{lr:.3g}: {score:.4g}**"
+                    if lr == sw["chosen_lr"]
+                    else f"{lr:.3g}: {score:.4g}"
+                )
+                for lr, score in zip(sw["grid"], sw["scores"])
+            ]
+            edge = " (AT GRID EDGE)" if sw.get("at_edge") else ""
+            md.append(f"- {name} (tuning seeds {sw['tuning_seeds']}){edge}: " + ", ".join(cells))
+        return [*md, ""]
+
     # ------------------------------------------------------------------ rendering
     def _rows(self) -> tuple[list[str], list[list[str]]]:
-        target, _ = self.resolved_target()
+        target, source = self.resolved_target()
         extra_headers = [f"final {k}" for k in self.extra_metrics]
         headers = [
             "optimizer",
@@ -285,14 +355,20 @@ class CompareResult:
                 final = _fmt(s.final) + (f" ± {s.final_std:.2g}" if s.final_std is not None else "")
                 if s.diverged:
                     final += f" ({s.diverged}/{s.seeds} diverged)"
-            if s.steps_to_target is not None:
+            if s.budget_stopped:
+                final += f" (budget: {s.budget_stopped}/{s.seeds} stopped early)"
+            if s.optimizer == BASELINE and source == f"{BASELINE} mean final":
+                # The target is this row's own mean: "reaching" it says nothing.
+                to_step = to_time = "- (own mean)"
+            elif s.steps_to_target is not None:
                 to_step, to_time = f"{s.steps_to_target:.0f}", f"{s.time_to_target_s:.2f} s"
             else:
                 to_step = to_time = f"not reached ({s.reached}/{s.seeds - s.diverged})"
+            lr_text = _fmt(s.lr, ".3g") + (f" ({s.lr_source})" if s.lr_source else "")
             body.append(
                 [
                     s.optimizer,
-                    _fmt(s.lr, ".3g"),
+                    lr_text,
                     final,
                     _fmt(s.best),
                     *[_fmt(s.extras.get(k)) for k in self.extra_metrics],
@@ -319,13 +395,21 @@ class CompareResult:
     def _footer(self) -> str:
         target, source = self.resolved_target()
         seeds = self.config.get("seeds", [])
+        sched = self.config.get("schedule") or {}
+        sched_text = (
+            f"schedule {sched.get('kind')} (warmup {sched.get('warmup')}, floor "
+            f"{sched.get('min_ratio')}) on every group; "
+            if sched
+            else ""
+        )
         lines = [
-            f"task {self.task}, {self.config.get('steps')} steps, seeds {seeds}; "
+            f"task {self.task}, {self.config.get('steps')} steps, seeds {seeds}; {sched_text}"
             f"final = mean ± std over seeds; target {_fmt(target)} ({source}); "
             "ms/step = median training step (evaluation excluded); "
             "time to target = steps to target x the run's median step time.",
             self.spread_note(),
         ]
+        lines += self.sweep_notes()
         if not self.complete:
             lines.append("PARTIAL: the comparison did not finish; only the rows above ran.")
         return "\n".join(lines)
@@ -345,6 +429,7 @@ class CompareResult:
             *self._footer().splitlines(),
             "",
         ]
+        md += self.sweep_markdown()
         diverged = [r for r in self.runs if r.diverged]
         if diverged:
             md += ["## Diverged runs", ""]
@@ -379,7 +464,9 @@ class CompareResult:
             "target_source": source,
             "spread_note": self.spread_note(),
             "summary": [asdict(s) for s in self.summary()],
+            "sweeps": self.sweeps,
             "runs": [asdict(r) for r in self.runs],
+            "tuning_runs": [asdict(r) for r in self.tuning_runs],
         }
 
     def save(self, out: str | Path, *, plots: bool = True) -> list[Path]:
@@ -389,7 +476,7 @@ class CompareResult:
         written = []
         path = out / RESULTS_JSON
         # NaN/Inf are not JSON; they only occur in diverged curves, written as null.
-        path.write_text(json.dumps(_finite(self.to_dict()), indent=1) + "\n")
+        path.write_text(json.dumps(finite_json(self.to_dict()), indent=1) + "\n")
         written.append(path)
         path = out / RESULTS_MD
         path.write_text(self.markdown())
@@ -401,11 +488,12 @@ class CompareResult:
         return written
 
 
-def _finite(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None`` (NaN/Inf are not JSON)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj

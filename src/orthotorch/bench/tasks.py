@@ -5,7 +5,8 @@ endless iterator of training batches, a training loss and an evaluation. The sam
 same initial weights and the same batch order to every optimizer, so runs are paired by seed.
 
 - ``bytelm``: byte-level causal transformer on the Python standard library's own source files
-  (found from the running interpreter), validation loss in bits per byte.
+  (found from the running interpreter), validation loss in bits per byte. :func:`bytelm_task`
+  makes it on your own text (``--text``) or with a larger model preset (``--model``).
 - ``digits``: small CNN on scikit-learn's 8x8 digits (1797 images), test loss and accuracy.
 - ``matrix``: ill-conditioned matrix sensing ``y = M* x`` with a two-factor model whose exact
   optimum ``W = M*`` is known; reports the relative distance ``||W - M*||_F / ||M*||_F``.
@@ -29,12 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import ByteTransformer, DigitsCNN, Factorization
+from .text import MODEL_PRESETS, TextCorpus, load_text_corpus
 
 __all__ = [
     "TASKS",
     "Task",
     "TaskSetup",
     "available_tasks",
+    "bytelm_task",
     "get_task",
     "stdlib_corpus",
 ]
@@ -73,6 +76,8 @@ class Task:
         description: one line for help texts.
         extra_metrics: other keys of ``evaluate``'s dict shown in tables (``"accuracy"``).
         log_y: plot the metric on a log axis (it spans decades).
+        family: the task whose registry learning rates apply (sweep centres); default ``name``.
+            A registry lr counts as tuned only for the task ``name`` itself.
     """
 
     name: str
@@ -84,6 +89,12 @@ class Task:
     description: str = ""
     extra_metrics: tuple[str, ...] = field(default_factory=tuple)
     log_y: bool = False
+    family: str | None = None
+
+    @property
+    def lr_key(self) -> str:
+        """The task name the optimizer registry's default learning rates are looked up by."""
+        return self.family or self.name
 
 
 def _endless(make_batch: Callable[[torch.Generator], Any], seed: int) -> Iterator[Any]:
@@ -125,20 +136,31 @@ def stdlib_corpus(val_fraction: float = 0.1) -> tuple[Tensor, Tensor, int]:
     return as_tensor(train).long(), as_tensor(val).long(), len(files)
 
 
+def _windows(data: Tensor, context: int, what: str) -> None:
+    if len(data) < context + 2:
+        raise ValueError(
+            f"the {what} text has {len(data)} bytes, fewer than the model's context "
+            f"{context} + 2: give more text or a smaller --model"
+        )
+
+
 def _bytelm_setup(
     seed: int,
     device: torch.device,
     *,
-    width: int = 128,
-    depth: int = 2,
-    heads: int = 4,
-    context: int = 64,
-    batch_size: int = 16,
+    model: str = "gpt-tiny",
+    corpus: Callable[[], tuple[Tensor, Tensor]] | None = None,
     val_windows: int = 64,
 ) -> TaskSetup:
-    train, val, _ = stdlib_corpus()
+    train, val = corpus() if corpus is not None else stdlib_corpus()[:2]
+    preset = MODEL_PRESETS[model]
+    context, batch_size = preset.context, preset.batch_size
+    _windows(train, context, "training")
+    _windows(val, context, "validation")
     torch.manual_seed(seed)
-    model = ByteTransformer(width=width, depth=depth, heads=heads, context=context).to(device)
+    net = ByteTransformer(
+        width=preset.width, depth=preset.depth, heads=preset.heads, context=context
+    ).to(device)
 
     def make_batch(gen: torch.Generator) -> Tensor:
         starts = torch.randint(0, len(train) - context - 1, (batch_size,), generator=gen)
@@ -157,7 +179,50 @@ def _bytelm_setup(
         nats = float(loss(m, val_batch))
         return {"bpb": nats / math.log(2), "val_loss": nats}
 
-    return TaskSetup(model, _endless(make_batch, seed), loss, evaluate)
+    return TaskSetup(net, _endless(make_batch, seed), loss, evaluate)
+
+
+def bytelm_task(model: str = "gpt-tiny", text: str | Path | None = None) -> Task:
+    """The language-model task with a model preset and, optionally, your own text.
+
+    Args:
+        model: a key of :data:`~orthotorch.bench.text.MODEL_PRESETS` (``gpt-tiny`` is the
+            default ``bytelm`` task).
+        text: a text file or a folder of text files (see
+            :func:`~orthotorch.bench.text.load_text_corpus`); ``None``: the Python stdlib.
+
+    The corpus is read and checked here, before any training. Its name is ``bytelm`` for the
+    default (tuned) setting and ``bytelm-<model>`` / ``text-<model>`` otherwise, so registry
+    learning rates tuned on ``bytelm`` count as sweep centres, not as tuned values, there.
+    """
+    if model not in MODEL_PRESETS:
+        raise ValueError(f"unknown model {model!r}; valid models: {', '.join(MODEL_PRESETS)}")
+    preset = MODEL_PRESETS[model]
+    corpus_fn = None
+    if text is not None:
+        loaded: TextCorpus = load_text_corpus(text)
+        _windows(loaded.val, preset.context, "validation")
+        _windows(loaded.train, preset.context, "training")
+
+        def corpus_fn() -> tuple[Tensor, Tensor]:
+            return loaded.train, loaded.val
+
+        name, data = f"text-{model}", loaded.describe()
+    else:
+        name = "bytelm" if model == "gpt-tiny" else f"bytelm-{model}"
+        data = "the Python stdlib sources"
+    default = TASKS["bytelm"]
+    return Task(
+        name=name,
+        setup=functools.partial(_bytelm_setup, model=model, corpus=corpus_fn),
+        metric=default.metric,
+        metric_label=default.metric_label,
+        default_steps=default.default_steps,
+        eval_every=default.eval_every,
+        description=f"byte-level transformer {model} ({preset.describe()}) on {data} "
+        "(val bits/byte)",
+        family="bytelm",
+    )
 
 
 # ---------------------------------------------------------------------------------------- digits
