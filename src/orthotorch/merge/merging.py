@@ -18,10 +18,15 @@ The design of :func:`orthogonal_merge` follows the idea of OrthoMerge (Yang, Shi
 "Orthogonal Model Merging", 2026, arXiv:2602.05943): split each expert into an orthogonal part
 (found by solving an orthogonal Procrustes problem), merge the orthogonal parts on the orthogonal
 group with a magnitude correction, and merge what is left additively. It is not a
-reimplementation of that paper: OrthoMerge rotates the *base* (``W_i ~ W_0 R_i + E_i``, ``R_i``
-merged through the Cayley map, which needs ``R_i + I`` invertible), while here the polar
-decomposition is taken of each *task vector*, which keeps the exact task-arithmetic limit for one
-model at every scale and needs no matrix inverse.
+reimplementation of that paper (that is :func:`orthotorch.merge.orthomerge`): OrthoMerge rotates
+the *base* (``W_i ~ W_0 R_i + E_i``, ``R_i`` merged through the Cayley map, which needs
+``R_i + I`` invertible), while here the polar decomposition is taken of each *task vector*, which
+keeps the exact task-arithmetic limit for one model at every scale and needs no matrix inverse.
+
+Defaults: every scale defaults to ``1 / len(finetuned)`` (:func:`default_scale`), and the default
+orthogonal merge is rescaled to the norm of the averaged task vector
+(:func:`norm_matched_orthogonal_delta`); the old default ``scale=1`` summed every model's drift
+and cost a digits model half of its accuracy on one half of the classes.
 
 Entry routing (the same for every method): floating entries with ``ndim >= 2`` are matrices
 (conv kernels ``(out, in, *k)`` are used as ``(out, in * prod(k))`` and reshaped back);
@@ -44,12 +49,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..linalg import orthogonalize
+
 __all__ = [
     "MergeMethod",
     "available_merge_methods",
     "average",
+    "default_scale",
     "get_merge_method",
     "merge_state_dicts",
+    "norm_matched_orthogonal_delta",
     "orthogonal_delta",
     "orthogonal_merge",
     "polar_decompose",
@@ -65,23 +74,19 @@ MethodName = Literal["average", "task_arithmetic", "orthogonal"]
 # ------------------------------------------------------------------------------ functional core
 
 
-def _rank_tol(S: Tensor, shape: tuple[int, ...], eps: float) -> Tensor:
-    return S[..., :1] * (max(shape[-2:]) * eps)
-
-
-def polar_decompose(X: Tensor, *, eps: float | None = None) -> tuple[Tensor, Tensor]:
+def polar_decompose(X: Tensor) -> tuple[Tensor, Tensor]:
     r"""Right polar decomposition :math:`X = Q P` of a ``(m, n)`` matrix, via one SVD.
 
     With :math:`X = U S V^T`: :math:`Q = U V^T` (``m x n``, orthonormal on the row space of
-    ``X``) and :math:`P = V S V^T = (X^T X)^{1/2}` (``n x n``, symmetric positive semidefinite).
-    Singular directions below ``max(m, n) * eps * sigma_max`` are treated as zero, so ``Q`` is
-    the partial isometry of a rank-deficient ``X`` (``U V^T`` would otherwise fill the null space
+    ``X``) and :math:`P = Q^T X = V S V^T = (X^T X)^{1/2}` (``n x n``, symmetric positive
+    semidefinite). ``Q`` is the ``"svd"`` method of :func:`orthotorch.linalg.orthogonalize`, so
+    it shares that method's rank tolerance: singular directions below
+    ``max(m, n) * eps * sigma_max`` (``eps`` of the compute dtype) are zero, and ``Q`` is the
+    partial isometry of a rank-deficient ``X`` (``U V^T`` would otherwise fill the null space
     with arbitrary unit directions).
 
     Args:
         X: a real 2-D floating tensor.
-        eps: relative rounding level that counts as zero; ``None`` uses the compute dtype's
-            epsilon (as the ``"svd"`` method of :func:`orthotorch.linalg.orthogonalize` does).
 
     Returns:
         ``(Q, P)`` in float64 for float64 input, else float32.
@@ -90,11 +95,10 @@ def polar_decompose(X: Tensor, *, eps: float | None = None) -> tuple[Tensor, Ten
         raise ValueError(f"X must be a real 2-D floating tensor, got {X.dtype} {tuple(X.shape)}")
     _check_finite(X, "X")
     compute = torch.float64 if X.dtype == torch.float64 else torch.float32
-    eps = torch.finfo(compute).eps if eps is None else eps
-    U, S, Vh = torch.linalg.svd(X.to(compute), full_matrices=False)
-    S = torch.where(S > _rank_tol(S, tuple(X.shape), eps), S, torch.zeros_like(S))
-    keep = (S > 0).to(compute)
-    return (U * keep) @ Vh, (Vh.mT * S) @ Vh
+    Xc = X.to(compute)
+    Q = orthogonalize(Xc, "svd", dtype=compute)
+    P = Q.mT @ Xc
+    return Q, (P + P.mT) / 2  # symmetric up to rounding; exactly symmetric after this
 
 
 def orthogonal_delta(deltas: Sequence[Tensor], *, eps: float | None = None) -> Tensor:
@@ -166,6 +170,25 @@ def orthogonal_delta(deltas: Sequence[Tensor], *, eps: float | None = None) -> T
     for S_i, Vh_i in factors:
         merged += ((Q @ Vh_i.mT) * S_i) @ Vh_i
     return merged
+
+
+def norm_matched_orthogonal_delta(deltas: Sequence[Tensor], *, eps: float | None = None) -> Tensor:
+    r""":func:`orthogonal_delta` rescaled to the Frobenius norm of the plain sum
+    :math:`\|\sum_i \tau_i\|_F` (the default rule of :func:`orthogonal_merge`).
+
+    The orthogonal merge keeps every model's singular mass (:math:`\sum_i P_i`) and applies it
+    along one compromise rotation, where task arithmetic lets conflicting parts cancel; on models
+    far from their base that extra mass lands in directions no model used (digits, 1 + 2 epochs:
+    50.7% against 80.6% for the average at the same ``1/N`` scale). Matched to the sum's norm,
+    the merge only redistributes task arithmetic's energy over the directions, by the merged
+    rotation and the models' spectra: the same size of step away from the base, a different
+    direction. Tasks on mutually orthogonal subspaces and a single model give task arithmetic
+    exactly (there :func:`orthogonal_delta` already equals the sum).
+    """
+    merged = orthogonal_delta(deltas, eps=eps)
+    target = torch.linalg.matrix_norm(torch.stack([d.to(merged.dtype) for d in deltas]).sum(0))
+    norm = torch.linalg.matrix_norm(merged)
+    return merged * (target / norm) if float(norm) > 0 else merged
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -363,10 +386,21 @@ def _merge_with_base(
     return out
 
 
+def default_scale(count: int) -> float:
+    r"""The data-free default scale of every merge: :math:`1 / N` for :math:`N` models.
+
+    Task vectors of models fine-tuned on different data each carry the model's drift away from
+    the base on the other models' data; their sum (:math:`\lambda = 1`) adds those drifts up,
+    :math:`1/N` averages them (for task arithmetic: the mean of the fine-tuned weights). A
+    larger scale is a choice to make on held-out data, not a default.
+    """
+    return 1.0 / count
+
+
 def task_arithmetic(
     base: StateDictLike,
     finetuned: Sequence[StateDictLike],
-    scale: float | Sequence[float] = 1.0,
+    scale: float | Sequence[float] | None = None,
     *,
     keys: KeyFilter = None,
 ) -> dict[str, Tensor]:
@@ -380,8 +414,11 @@ def task_arithmetic(
     Args:
         base: the shared pre-trained model (state_dict or module).
         finetuned: models fine-tuned from ``base`` (same keys and shapes).
-        scale: :math:`\lambda`, one number for all models or one per model; ``1 / len(finetuned)``
-            gives plain averaging of the fine-tuned models, negative values negate a task.
+        scale: :math:`\lambda`, one number for all models or one per model; negative values
+            negate a task. ``None`` (default): ``1 / len(finetuned)``, i.e. plain averaging of
+            the fine-tuned models, which keeps what each model learnt at a fraction of its
+            strength and never extrapolates. Summing full task vectors (``scale=1``) adds up
+            every model's drift from the base and can destroy a model (:func:`default_scale`).
         keys: which entries to merge (``None``: all; a predicate on the key or a collection of key
             names); the others are copied from ``base``.
 
@@ -394,14 +431,16 @@ def task_arithmetic(
         TypeError: an input that is not a state_dict or module.
     """
     base_sd, models, chosen = _prepare(base, finetuned, keys)
-    scales = _per_model(scale, len(models), "scale")
+    scales = _per_model(
+        default_scale(len(models)) if scale is None else scale, len(models), "scale"
+    )
     return _merge_with_base(base_sd, models, chosen, scales, None)
 
 
 def orthogonal_merge(
     base: StateDictLike,
     finetuned: Sequence[StateDictLike],
-    scale: float | Sequence[float] = 1.0,
+    scale: float | Sequence[float] | None = None,
     *,
     keys: KeyFilter = None,
 ) -> dict[str, Tensor]:
@@ -425,8 +464,10 @@ def orthogonal_merge(
         base: the shared pre-trained model (state_dict or module).
         finetuned: models fine-tuned from ``base`` (same keys and shapes).
         scale: :math:`\lambda`, one number or one per model (the same meaning as in
-            :func:`task_arithmetic`; because the scales add up, ``~1 / len(finetuned)`` to ``1``
-            is the useful range).
+            :func:`task_arithmetic`). ``None`` (default): ``1 / len(finetuned)``, so the merged
+            scale part is the *mean* of the models' scale parts along the merged rotation. At
+            ``scale=1`` the scale parts add up: with two models fine-tuned on the two halves of
+            digits, that lost half of the base model's accuracy on one half (README).
         keys: which entries to merge (``None``: all); the others are copied from ``base``.
 
     Returns:
@@ -436,6 +477,9 @@ def orthogonal_merge(
         ValueError / TypeError: as :func:`task_arithmetic`.
     """
     base_sd, models, chosen = _prepare(base, finetuned, keys)
+    if scale is None:
+        scales = [default_scale(len(models))] * len(models)
+        return _merge_with_base(base_sd, models, chosen, scales, norm_matched_orthogonal_delta)
     scales = _per_model(scale, len(models), "scale")
     return _merge_with_base(base_sd, models, chosen, scales, orthogonal_delta)
 
