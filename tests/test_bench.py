@@ -62,7 +62,9 @@ def test_unknown_names_list_choices():
     with pytest.raises(ValueError, match="valid optimizers: adamw, muon"):
         bench.get_optimizer("nope")
     with pytest.raises(ValueError, match="not being compared"):
-        bench.compare("matrix", optimizers=["adamw"], steps=1, seeds=1, lr={"muon": 0.1}, progress=False)
+        bench.compare(
+            "matrix", optimizers=["adamw"], steps=1, seeds=1, lr={"muon": 0.1}, progress=False
+        )
 
 
 def test_register_optimizer_is_one_entry(monkeypatch):
