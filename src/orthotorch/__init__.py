@@ -11,9 +11,11 @@ from .optim import (
     SPECTRA,
     AuON,
     DCTAdamW,
+    Dion,
     GaLoreAdamW,
     Muon,
     NonFiniteGradientError,
+    NorMuon,
     OrthogonalOptimizer,
 )
 from .routing import describe, param_groups, route_parameters
@@ -24,9 +26,11 @@ __all__ = [
     "SPECTRA",
     "AuON",
     "DCTAdamW",
+    "Dion",
     "GaLoreAdamW",
     "Muon",
     "NonFiniteGradientError",
+    "NorMuon",
     "OrthogonalOptimizer",
     "__version__",
     "decomposition",

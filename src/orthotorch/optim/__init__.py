@@ -3,8 +3,10 @@
 from ._base import NonFiniteGradientError, OrthogonalOptimizer
 from .aro import ARO
 from .auon import AuON
+from .dion import Dion
 from .lowrank import DCTAdamW, GaLoreAdamW
 from .muon import Muon
+from .normuon import NorMuon
 from .root import ROOT
 from .spectra import SPECTRA
 
@@ -14,8 +16,10 @@ __all__ = [
     "SPECTRA",
     "AuON",
     "DCTAdamW",
+    "Dion",
     "GaLoreAdamW",
     "Muon",
     "NonFiniteGradientError",
+    "NorMuon",
     "OrthogonalOptimizer",
 ]
