@@ -406,3 +406,33 @@ def test_fit_on_a_tensor_that_requires_grad_builds_no_graph() -> None:
     assert not est._W.requires_grad and not est._G.requires_grad
     est = Est(4, dict_init=D).partial_fit(X[:10]).partial_fit(X[10:20])
     assert not est._W.requires_grad and not est._G.requires_grad
+
+
+def test_functional_core_imports_and_runs_without_scikit_learn() -> None:
+    """Issue 18: the scikit-learn guard of decomposition/dictionary.py made the pure-torch
+    Frank–Wolfe functions unimportable without scikit-learn. With scikit-learn blocked, the
+    functions import and run; only the estimator raises, naming the extra."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["sklearn"] = None  # any "import sklearn..." now raises ImportError
+import torch
+from orthotorch.decomposition import frank_wolfe_step, l4_objective_gradient, principal_basis
+X = torch.randn(50, 8, dtype=torch.float64)
+W = principal_basis(X, 8)
+W = frank_wolfe_step(W, l4_objective_gradient(W, X)[1])
+assert torch.allclose(W @ W.T, torch.eye(8, dtype=torch.float64), atol=1e-10)
+try:
+    from orthotorch.decomposition import OnlineOrthogonalDictionaryLearning
+except ImportError as err:
+    assert "pip install orthotorch[sklearn]" in str(err), err
+else:
+    raise AssertionError("the estimator imported without scikit-learn")
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
