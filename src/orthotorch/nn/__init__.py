@@ -9,6 +9,8 @@
 - :mod:`.compatible`: λ-orthogonality and the old-to-new :class:`OrthogonalTransform`.
 - :mod:`.losses`: orthogonal projection loss and equiangular-basis-vector heads.
 - :mod:`.adapters`: SORSA-style orthonormal adapters, with merge back into plain ``Linear``.
+- :mod:`.qk_clip`: QK-Clip (MuonClip, Kimi K2): per-head rescaling of the query/key projections
+  that keeps attention logits under a threshold.
 
 Parametrizations' helper kernels (``householder_matmul``, ``cayley_semi_orthogonal``, ...) stay in
 their submodule.
@@ -50,6 +52,13 @@ from .parametrizations import (
     HouseholderProjector,
     orthogonal,
 )
+from .qk_clip import (
+    QKClip,
+    attention_max_logits,
+    fused_qk_parts,
+    qk_clip_,
+    qk_clip_factors,
+)
 from .regularizers import (
     PENALTY_KINDS,
     OrthogonalityPenalty,
@@ -75,11 +84,14 @@ __all__ = [
     "OrthogonalityPenalty",
     "OrthonormalAdapter",
     "PenaltyKind",
+    "QKClip",
     "apply_orthonormal_adapters",
+    "attention_max_logits",
     "conv_orthogonality",
     "equiangular_basis_vectors",
     "explicit_conv_matrix",
     "fit_orthogonal_transform",
+    "fused_qk_parts",
     "lambda_orthogonality",
     "merge_orthonormal_adapters",
     "orthogonal",
@@ -88,6 +100,8 @@ __all__ = [
     "orthonormal_adapter_penalty",
     "orthonormality_penalty",
     "orthoreg",
+    "qk_clip_",
+    "qk_clip_factors",
     "soft_orthogonality",
     "spectral_restricted_isometry",
     "train_orthogonal_transform",
