@@ -18,6 +18,8 @@ map ``x -> p_K(...p_1(x))`` on the spectrum. The schedules differ only in ``(a_k
 - ``polar_express``: per-step minimax-optimal quintics (Amsel et al., 2025, "The Polar Express"),
   with a 1.02 safety factor in the normalisation.
 - ``jiacheng``: per-step coefficients tuned by Jiacheng You.
+- ``aol``: AOL-preconditioned start (Boissin et al., 2025, "Turbo-Muon"), four steps of
+  quintics fitted for that start (:func:`aol_newton_schulz`).
 
 A schedule is a function ``(rows, cols, steps) -> list[(a, b, c)]`` so that shape-dependent
 tables (ROOT) fit in the same registry.
@@ -26,9 +28,12 @@ tables (ROOT) fit in the same registry.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
+
+from .dispatch import run_stack
 
 Coefficients = tuple[float, float, float]
 Schedule = Callable[[int, int, int], Sequence[Coefficients]]
@@ -49,6 +54,18 @@ JIACHENG_COEFFICIENTS: tuple[Coefficients, ...] = (
     (3.7418, -5.5913, 2.3037),
     (2.8769, -3.1427, 1.2046),
     (2.8366, -3.0525, 1.2012),
+)
+
+# Per-step minimax quintics for the AOL start (singular values in [5e-3, 1], 4 steps), fitted by
+#     python benchmarks/ns_fit.py --lower 5e-3 --steps 4 --cushion 41.5
+# Exact-arithmetic band on [5e-3, 1]: [0.9077, 1.0923]. Lower ends 3e-3 / 7e-3 / 1e-2 and cushion
+# 10 were measured too (benchmarks/ns_fit.py docstring): 5e-3 with cushion 41.5 was the best
+# compromise between Gaussian, low-rank and log-spaced spectra.
+AOL_COEFFICIENTS: tuple[Coefficients, ...] = (
+    (7.489474055896614, -20.90350501207529, 15.024176573694486),
+    (4.1195607845092646, -3.4787073655320673, 0.7564646745633972),
+    (3.217342434728549, -2.432524575197873, 0.5107111827963519),
+    (2.2211295255521897, -1.6030361629149503, 0.4153589934965343),
 )
 
 
@@ -92,31 +109,94 @@ def newton_schulz(
         )
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     X = (X / (norm * norm_scale + eps)).contiguous()
+    table = tuple((float(a), float(b), float(c)) for a, b, c in coefficients)
     if X.ndim == 2:
-        return _newton_schulz_2d(X, coefficients)
-    if X.device.type == "cpu":
-        # On CPU a loop of 2-D GEMMs beats one bmm (measured 84 vs 115 ms for 16 bf16 512x512
-        # matrices, 5 steps: the 2-D path reaches oneDNN's bf16 kernels, bmm does not), so
-        # batching pays off only on accelerators.
-        for i in range(X.shape[0]):
-            X[i] = _newton_schulz_2d(X[i], coefficients)
-        return X
+        return iterate_quintic(X, table)
+    # Batched bmm, a loop of 2-D GEMMs, chunks, float32 compute: which is fastest depends on the
+    # machine (dispatch.py); every plan runs iterate_quintic, so results differ by rounding only.
+    return run_stack(
+        f"ns{len(table)}",
+        X,
+        partial(iterate_quintic, coefficients=table),
+        compiled=lambda: partial(_compiled_quintic(), coefficients=table),
+    )
+
+
+def iterate_quintic(X: Tensor, coefficients: Sequence[Coefficients]) -> Tensor:
+    """``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` per step, on ``(m, n)`` or ``(k, m, n)``.
+
+    The spec of every Newton–Schulz plan (:mod:`~orthotorch.linalg.dispatch`); ``X`` is already
+    normalised. ``a X + B X`` is fused in one ``addmm``: a separate mm + add_ is ~5% faster on
+    CPU but rounds ``B X`` to bf16 before the sum, which measurably hurts (2.6% vs 1.7% error
+    against the float64 iteration on a 16x64 input).
+    """
+    batched = X.ndim == 3
+    addmm = torch.baddbmm if batched else torch.addmm
     for a, b, c in coefficients:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
+        A = X @ X.mT
+        B = addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = addmm(X, B, X, beta=a)  # a X + B X
     return X
 
 
-def _newton_schulz_2d(X: Tensor, coefficients: Sequence[Coefficients]) -> Tensor:
-    for a, b, c in coefficients:
-        A = X @ X.T
-        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        # a X + B X fused in one addmm: a separate mm + add_ is ~5% faster on CPU but rounds
-        # B X to bf16 before the sum, which measurably hurts (2.6% vs 1.7% error against the
-        # float64 iteration on a 16x64 input).
-        X = torch.addmm(X, B, X, beta=a)
-    return X
+_COMPILED: dict[str, Callable[..., Tensor]] = {}
+
+
+def _compiled_quintic() -> Callable[..., Tensor]:
+    # Built on first use only: torch.compile imports the compiler stack (seconds).
+    # dynamic=False: one graph per (shape, coefficients), as the buckets are.
+    fn = _COMPILED.get("quintic")
+    if fn is None:
+        fn = _COMPILED["quintic"] = torch.compile(iterate_quintic, dynamic=False)
+    return fn
+
+
+def aol_newton_schulz(
+    X: Tensor, coefficients: Sequence[Coefficients], *, eps: float = 1e-7
+) -> Tensor:
+    """Newton–Schulz from the AOL start (Turbo-Muon), reusing its Gram matrix for step one.
+
+    .. math::
+
+        A = X X^\\top, \\quad D = \\operatorname{diag}\\Big(\\big(\\textstyle\\sum_j |A_{ij}|
+        \\big)^{-1/2}\\Big), \\quad X_0 = D X, \\quad A_0 = X_0 X_0^\\top = D A D .
+
+    ``||D X||_2 <= 1`` (Prach & Lampert, 2022, "Almost-orthogonal layers"), and ``D X`` has
+    normalised singular values several times larger than ``X / ||X||_F`` (5x at the median on
+    512x512 Gaussian matrices, 7x on 512x2048: ``benchmarks/ns_fit.py --check``), so one step
+    fewer reaches the same band. ``A_0`` comes from ``A`` by two diagonal scalings, so the start
+    costs one Gram product that the first step would have computed anyway. The iteration
+    approximates the polar factor of ``D X``, not of ``X``; the two differ where rows of ``X``
+    have very different norms (measured: orthogonality error and distance to ``polar(X)``
+    below Polar Express's five steps on Gaussian and low-rank-plus-noise inputs, slightly above
+    on log-spaced spectra down to 1e-4; always below Muon's fixed quintic).
+
+    ``X`` is first divided by its Frobenius norm so that ``A`` cannot overflow (float16) and
+    ``sum_j |A_ij| >= eps`` means a numerically non-zero row; zero rows stay zero.
+    """
+    if X.shape[-2] > X.shape[-1]:
+        raise ValueError(
+            f"aol_newton_schulz expects wide matrices (rows <= cols), got {tuple(X.shape)}"
+        )
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    X = (X / (norm + eps)).contiguous()
+    table = tuple((float(a), float(b), float(c)) for a, b, c in coefficients)
+    if X.ndim == 2:
+        return iterate_aol(X, table, eps)
+    return run_stack(f"aol{len(table)}", X, partial(iterate_aol, coefficients=table, eps=eps))
+
+
+def iterate_aol(X: Tensor, coefficients: Sequence[Coefficients], eps: float = 1e-7) -> Tensor:
+    """The AOL iteration on ``(m, n)`` or ``(k, m, n)`` (see :func:`aol_newton_schulz`)."""
+    addmm = torch.baddbmm if X.ndim == 3 else torch.addmm
+    A = X @ X.mT
+    d = A.abs().sum(dim=-1, keepdim=True).clamp_min(eps).rsqrt()
+    X = X * d
+    A = A * d * d.mT
+    (a, b, c), rest = coefficients[0], coefficients[1:]
+    B = addmm(A, A, A, beta=b, alpha=c)
+    X = addmm(X, B, X, beta=a)
+    return iterate_quintic(X, rest)
 
 
 def iterate_scalar(x: Tensor, coefficients: Sequence[Coefficients]) -> Tensor:
