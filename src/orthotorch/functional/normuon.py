@@ -8,7 +8,8 @@ per neuron and divides each row by its root:
 
     v_t = \\beta_2 v_{t-1} + (1 - \\beta_2)\\, \\mathrm{mean}_{\\text{cols}}(O_t \\odot O_t),
     \\qquad \\hat O_t = O_t \\oslash (\\sqrt{v_t} + \\epsilon),
-    \\qquad \\Delta W_t = -\\eta\\, \\frac{0.2 \\sqrt{m n}}{\\lVert \\hat O_t \\rVert_F}\\, \\hat O_t .
+    \\qquad \\Delta W_t = -\\eta\\, \\frac{0.2 \\sqrt{m n}}{\\lVert \\hat O_t \\rVert_F}
+    \\, \\hat O_t .
 
 The last factor gives the update RMS ``0.2`` (AdamW's typical RMS, as Muon's
 ``match_rms_adamw``): the paper's Algorithm 1. The authors' reference code instead keeps the

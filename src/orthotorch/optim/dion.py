@@ -69,9 +69,10 @@ class Dion(OrthogonalOptimizer):
         rank: ``r``: an int in ``[1, min(m, n)]``, or a float in ``(0, 1]``, a fraction of each
             matrix's smaller side (``round(rank * min(m, n))``, at least 1; default ``1.0``:
             full rank, microsoft/dion's default ``rank_fraction``).
-        qr_method: ``"cholesky"`` (randomized Cholesky-QR, default: same basis as Householder
-            to rounding, and the only one that orthonormalizes a row-sharded ``P`` with
-            ``r x r`` messages) or ``"householder"`` (``torch.linalg.qr``).
+        qr_method: ``"auto"`` (default: ``"householder"``, ``torch.linalg.qr``, where ``P``
+            is whole, faster and exact on CPU; ``"cholesky"``, randomized Cholesky-QR, for a
+            row-sharded ``P``, which it orthonormalizes with ``r x r`` messages), or either
+            of the two everywhere (same basis up to rounding).
         error_feedback: keep ``M - (1 - mu) P R^T`` (default ``True``, the algorithm);
             ``False`` is an ablation.
         adjust_lr: ``"spectral_norm"`` (``sqrt(m/n)``, default, the paper's), ``"original"``
@@ -100,7 +101,7 @@ class Dion(OrthogonalOptimizer):
         weight_decay: float = 0.01,
         momentum: float = 0.95,
         rank: int | float = 1.0,
-        qr_method: str = "cholesky",
+        qr_method: str = "auto",
         error_feedback: bool = True,
         adjust_lr: str = "spectral_norm",
         eps: float = 1e-8,

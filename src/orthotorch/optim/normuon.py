@@ -55,12 +55,12 @@ class NorMuon(OrthogonalOptimizer):
        \end{aligned}
 
     ``v`` (one value per output neuron of each matrix, ``state["second_momentum_buffer"]``, in
-    float32, or float64 for float64 weights) equalises how far each neuron moves, which Muon's
-    polar factor leaves uneven for tall matrices and approximate Newton–Schulz outputs; the
-    Frobenius rescaling then gives the update AdamW's RMS 0.2, so AdamW's learning rate and
-    weight decay carry over (``adjust_lr="match_rms_adamw"``, default, the paper's Algorithm 1).
-    ``adjust_lr="original"`` is the authors' released code instead: ``Ô`` rescaled to
-    ``||O||_F`` and multiplied by ``sqrt(max(1, m/n))``, for Muon-like learning rates (0.02).
+    the parameter's dtype, updated in float32 or float64) equalises how far each neuron moves,
+    which Muon's polar factor leaves uneven for tall matrices and approximate Newton–Schulz
+    outputs; the Frobenius rescaling then gives the update AdamW's RMS 0.2, so AdamW's learning
+    rate and weight decay carry over (``adjust_lr="match_rms_adamw"``, default, the paper's
+    Algorithm 1). ``adjust_lr="original"`` is the authors' released code instead: ``Ô`` rescaled
+    to ``||O||_F`` and multiplied by ``sqrt(max(1, m/n))``, for Muon-like learning rates (0.02).
     The math is in :mod:`orthotorch.functional.normuon`.
 
     Every orthogonalization method and every matrix layout of the groups works: each matrix of a
@@ -179,9 +179,8 @@ class NorMuon(OrthogonalOptimizer):
             if "momentum_buffer" in state:
                 continue
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            dtype = torch.promote_types(p.dtype, torch.float32)
             shape = second_moment_shape(tuple(p.shape), layout)
-            state[STATE_KEY] = dist.zeros_state(shape, p, rows_sharded=True, dtype=dtype)
+            state[STATE_KEY] = dist.zeros_state(shape, p, rows_sharded=True)
 
     def _direction(
         self,
@@ -197,7 +196,9 @@ class NorMuon(OrthogonalOptimizer):
         target = target_norm_for(group["adjust_lr"])
         directions, blocks = [], []  # blocks: (output view, Ô, (m, n), sharded, hat², O²)
         for M, O, state, layout in zip(momenta, polar, states, layouts, strict=True):
-            v = dist.local(state[STATE_KEY])
+            stored = dist.local(state[STATE_KEY])
+            # Statistics in float32 at least; the state keeps the parameter's dtype.
+            v = stored.to(torch.promote_types(stored.dtype, torch.float32))
             O = O.to(v.dtype)
             out = torch.empty_like(O)
             # A row shard of a flattened matrix: its rows are whole, its norms partial.
@@ -212,6 +213,8 @@ class NorMuon(OrthogonalOptimizer):
             for shape, (block, view, v_rows) in zip(shapes, pieces, strict=True):
                 O_hat, hat_sq, o_sq = normalize_rows(block, v_rows, beta2, eps)
                 blocks.append((view, O_hat, shape, sharded, hat_sq, o_sq))
+            if v is not stored:
+                stored.copy_(v)
             directions.append(out)
         sharded_sums = [torch.stack(b[4:]) for b in blocks if b[3]]
         if sharded_sums:
