@@ -74,11 +74,21 @@ def test_adamw_groups_equal_torch_adamw() -> None:
 def test_adamw_lr_default_only_fills_missing_lr() -> None:
     model = mlp()
     opt = orthotorch.Muon(orthotorch.param_groups(model), lr=0.02, adamw_lr=3e-3)
-    assert [g["lr"] for g in opt.param_groups] == [0.02, 3e-3]
+    # The orthogonalized group, then AdamW with and without weight decay (head vs biases).
+    assert [g["lr"] for g in opt.param_groups] == [0.02, 3e-3, 3e-3]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]
     opt = orthotorch.Muon(
         orthotorch.param_groups(model, adamw={"lr": 1e-4}), lr=0.02, adamw_lr=3e-3
     )
-    assert opt.param_groups[1]["lr"] == 1e-4
+    assert opt.param_groups[1]["lr"] == opt.param_groups[2]["lr"] == 1e-4
+
+
+def test_adamw_groups_never_inherit_the_orthogonalized_lr() -> None:
+    """Regression: Muon(param_groups(model), lr=0.02) ran embeddings, head and norms on AdamW
+    at 0.02 (the AdamW groups' lr defaulted to the orthogonalized lr)."""
+    opt = orthotorch.Muon(orthotorch.param_groups(mlp()), lr=0.02)
+    assert [g["lr"] for g in opt.param_groups if g["algorithm"] == "adamw"] == [1e-3, 1e-3]
+    assert orthotorch.Muon(orthotorch.param_groups(mlp())).param_groups[0]["lr"] == 0.02
 
 
 def test_single_step_is_the_documented_update() -> None:
@@ -163,4 +173,4 @@ def test_state_dict_holds_momentum_and_adamw_state() -> None:
     state = opt.state_dict()
     names = {frozenset(s) for s in state["state"].values()}
     assert names == {frozenset({"momentum_buffer"}), frozenset({"step", "exp_avg", "exp_avg_sq"})}
-    assert [g["algorithm"] for g in state["param_groups"]] == ["muon", "adamw"]
+    assert [g["algorithm"] for g in state["param_groups"]] == ["muon", "adamw", "adamw"]

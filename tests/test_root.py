@@ -320,7 +320,7 @@ def _train_mlp(cls, corrupt: bool, steps: int = 100, **kwargs) -> tuple[float, n
 
 
 def test_root_is_robust_to_gradient_outliers() -> None:
-    kwargs = {"lr": 3e-3}
+    kwargs = {"lr": 3e-3, "adamw_lr": 3e-3}
     clean, _ = _train_mlp(orthotorch.ROOT, corrupt=False, **kwargs)
     corrupted, model = _train_mlp(orthotorch.ROOT, corrupt=True, **kwargs)
     assert all(torch.isfinite(p).all() for p in model.parameters())

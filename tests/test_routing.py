@@ -86,14 +86,21 @@ def test_groups_work_with_torch_optimizers_and_describe() -> None:
     torch.optim.AdamW(orthotorch.param_groups(model))  # extra keys are ignored by torch
     table = orthotorch.describe(groups)
     lines = table.splitlines()
-    assert lines[0].split() == ["name", "shape", "group", "update", "as", "matrix", "lr", "scale"]
+    assert lines[0].split() == [
+        *("name", "shape", "group", "update", "layout", "matrices", "lr", "wd", "lr", "scale")
+    ]
     row = next(line for line in lines if line.startswith("block.1.weight"))
-    assert row.split() == ["block.1.weight", "64x16", "orthogonal", "spectral", "64x16", "2"]
+    assert row.split() == [
+        *("block.1.weight", "64x16", "orthogonal", "spectral", "flatten", "64x16"),
+        *("default", "default", "2"),
+    ]
     opt = orthotorch.Muon(groups, adjust_lr="match_rms_adamw")
     row = next(
         line for line in orthotorch.describe(opt).splitlines() if line.startswith("block.1.weight")
     )
-    assert row.split() == ["block.1.weight", "64x16", "muon", "spectral", "64x16", "1.6"]
+    assert row.split() == [
+        *("block.1.weight", "64x16", "muon", "spectral", "flatten", "64x16", "0.02", "0.1", "1.6")
+    ]
 
 
 def test_lr_scale_gives_roles_their_own_lr_and_describe_shows_it() -> None:
@@ -143,15 +150,18 @@ def test_describe_an_optimizer_shows_its_own_scale_and_direction() -> None:
         for line in orthotorch.describe(orthotorch.ARO(groups)).splitlines()
         if line.startswith("block.1.weight")
     )
-    assert row == ["block.1.weight", "64x16", "aro", "aro", "64x16", "0.1"]
+    assert row[:6] + row[-1:] == ["block.1.weight", "64x16", "aro", "aro", "flatten", "64x16", "0.1"]
     wrapped = orthotorch.SPECTRA(orthotorch.ARO(groups))  # the base's scale (without alpha)
-    assert row in [line.split() for line in orthotorch.describe(wrapped).splitlines()]
+    rows = [line.split() for line in orthotorch.describe(wrapped).splitlines()]
+    assert row + ["10"] in rows  # and the clip threshold c
     # Muon's own scale is the shape scale, as before.
     muon = orthotorch.Muon(orthotorch.param_groups(model, lr=0.02, lr_scale={"block.1.*": 0.5}))
     row = next(
         line.split() for line in orthotorch.describe(muon).splitlines() if "block.1.w" in line
     )
-    assert row == ["block.1.weight", "64x16", "muon", "spectral", "64x16", "1"]
+    assert row[:6] + row[-1:] == [
+        *("block.1.weight", "64x16", "muon", "spectral", "flatten", "64x16", "1")
+    ]
 
 
 def test_lr_scale_pattern_that_scales_nothing_raises() -> None:
