@@ -270,6 +270,12 @@ def _build_parser() -> _Parser:
     )
     cmp.add_argument("--out", default="orthotorch-compare", help="output directory")
     cmp.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    cmp.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch CPU threads (default: torch's); 1 is fastest for small models on a "
+        "machine shared with other jobs",
+    )
     cmp.add_argument("--target", type=float, help="target metric (default: AdamW's final)")
     cmp.add_argument("--eval-every", type=_positive_int, help="evaluate every N steps")
     cmp.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -318,6 +324,10 @@ def _run_compare(args: argparse.Namespace) -> int:
         raise UsageError(f"--optimizers lists a name twice: {args.optimizers!r}")
     lr = parse_lr(args.lr, names) if args.lr is not None else None
     _check_device(args.device)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     task = args.task
     if args.task == "bytelm" and (args.text is not None or args.model not in (None, "gpt-tiny")):
         try:

@@ -258,10 +258,12 @@ def _spectra_adamw(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -
 
 def _symmetry_mlp_names(model: nn.Module) -> list[str]:
     """Hidden matrices that policy="symmetry" gives a row/column rule (MLP gate/up/down)."""
+    # By the rule, not by the routing's reason text: every matrix that is neither the
+    # embedding nor the head and got a row/column rule.
     return [
         name
         for name, _, target, reason in route_parameters(model, policy="symmetry")
-        if reason == "hidden matrix" and target in ("row_norm", "col_norm")
+        if target in ("row_norm", "col_norm") and reason not in ("embedding", "head")
     ]
 
 

@@ -8,8 +8,8 @@ validation text that never overlap:
   ``val_fraction`` (a split by file, stable when files are added). Files are separated by a NUL
   byte, which text never contains.
 - a single file, or a folder whose files all fell on one side: contiguous chunks of
-  ``chunk_bytes`` bytes, a chunk going to validation by the CRC-32 of its index (so validation is
-  spread over the file instead of being its last pages).
+  ``chunk_bytes`` bytes (fewer for small files), every ``round(1 / val_fraction)``-th chunk
+  going to validation (so validation is spread over the file instead of being its last pages).
 
 "Text" means: not empty, no NUL byte and valid UTF-8 (checked on the first 64 KiB). A binary
 file given directly is an error; binary files inside a folder are skipped and counted (a source
@@ -100,15 +100,14 @@ def _as_tensor(data: bytes | bytearray) -> Tensor:
 
 
 def _split_chunks(data: bytes, val_fraction: float, chunk_bytes: int) -> tuple[bytes, bytes]:
-    # At least ~10 chunks, so a small file still has a validation part.
-    chunk_bytes = max(256, min(chunk_bytes, len(data) // 10))
+    # Every k-th chunk (k = round(1 / val_fraction)), from the middle of the first k: validation
+    # is spread evenly over the text and made of whole chunks. At least ~2k chunks, so that a
+    # small file still has a validation part of its own share.
+    every = max(2, round(1 / val_fraction))
+    chunk_bytes = max(256, min(chunk_bytes, len(data) // (2 * every)))
     chunks = [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)]
-    threshold = int(val_fraction * 2**32)
-    to_val = [zlib.crc32(str(i).encode()) < threshold for i in range(len(chunks))]
-    if len(chunks) >= 2 and not any(to_val):
-        to_val[-1] = True  # a short file still gets one validation chunk
-    if all(to_val):
-        to_val[0] = False
+    offset = min(every // 2, len(chunks) // 2)
+    to_val = [i % every == offset for i in range(len(chunks))]
     train = b"".join(c for c, v in zip(chunks, to_val) if not v)
     val = b"".join(c for c, v in zip(chunks, to_val) if v)
     return train, val
@@ -181,7 +180,11 @@ def load_text_corpus(
     else:
         joined = b"\0".join(texts.values())
         train, val = _split_chunks(joined, val_fraction, chunk_bytes)
-        split = f"contiguous {chunk_bytes}-byte chunks (CRC-32 of the chunk index)"
+        split = (
+            "contiguous chunks (every 10th to validation)"
+            if val_fraction == 0.1
+            else (f"contiguous chunks (every {round(1 / val_fraction)}th to validation)")
+        )
     return TextCorpus(
         train=_as_tensor(train),
         val=_as_tensor(val),
