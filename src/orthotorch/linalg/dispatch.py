@@ -452,6 +452,8 @@ def _load_disk() -> None:
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or not isinstance(data.get("plans"), dict):
             raise ValueError("no 'plans' table")
+        if not isinstance(data.get("stamp"), dict):
+            raise ValueError("no 'stamp'")
         if data.get("stamp") != machine_stamp():
             return  # another machine, torch or thread count: its timings say nothing here
         loaded = {}
