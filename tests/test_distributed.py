@@ -211,10 +211,11 @@ def test_lowrank_no_hang_plain_and_sharded(no_hang: list[dict]) -> None:
             assert all(r["sharded_moved"]) and r["sharded_finite"], variant
         for a, b in zip(per_rank[0]["sharded"], per_rank[1]["sharded"], strict=True):
             assert torch.equal(a, b), variant
-    # An unsupported DTensor layout is refused when the optimizer is built, naming the weight.
+    # A layout the low-rank state cannot serve is refused when the optimizer is built, naming
+    # the weight; Muon (all whole-matrix work in map_matrices) takes any 1-D/2-D mesh layout.
     for r in results:
-        for variant in ("DCTAdamW", "Muon"):
-            assert (
-                "parameter params[0]: it is a DTensor with placements (Replicate()"
-                in r[f"layout_error_{variant}"]
-            ), variant
+        assert (
+            "parameter params[0]: it is a DTensor with placements (Replicate()"
+            in r["layout_error_DCTAdamW"]
+        )
+        assert r["layout_error_Muon"] == ""

@@ -23,6 +23,16 @@ Ownership is round-robin over one global counter, so ranks differ by at most one
 total, and every collective has the same sizes on every rank: a rank that owns fewer matrices of
 a shape sends zero padding rather than skipping the call — skipping would hang the others.
 
+- **any mesh** (``DTensor`` on a 1-D or 2-D mesh with any mix of ``Replicate()``,
+  ``Shard(d)`` and FSDP2's ``_StridedShard`` over tensor parallelism: HSDP, FSDP + TP, TP
+  alone, expert parallelism): see :func:`map_matrices`. Matrix ``i`` has an owner among the
+  ranks of the mesh; the mesh dimensions that shard it bring its pieces to the owner (one
+  ``all_to_all`` over those dimensions, pieces placed by each rank's global index map), the
+  owner processes it whole and sends the pieces back; the replicated mesh dimensions split the
+  owners further (each replica slice owns ``1/R`` of the matrices) and an ``all_gather`` over
+  them completes every rank's shards. An expert stack sharded by experts is processed where
+  it is (no gather), its experts split over the replicated dimensions.
+
 Two more primitives serve the low-rank optimizers: :func:`map_owned` computes a per-matrix
 result that must be identical on every rank (a subspace: DCT column indices, an SVD basis) once,
 on the matrix's owner, and shares it; :func:`sum_across_shards_` all-reduces the per-shard
@@ -35,6 +45,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 import torch
@@ -52,17 +63,25 @@ except ImportError:  # pragma: no cover
     Replicate = None  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment,misc]
 
+try:  # FSDP2's dim-0 sharding on top of tensor parallelism; private, so optional
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:  # pragma: no cover
+    _StridedShard = None  # type: ignore[assignment,misc]
+
 __all__ = [
     "STATS",
     "CommStats",
     "DistributedMode",
     "Kernel",
+    "Topology",
     "all_ranks_agree",
     "any_rank",
     "is_dtensor",
     "local",
+    "make_topology",
     "map_matrices",
     "map_owned",
+    "placement_of",
     "replicated_world",
     "row_range",
     "sum_across_shards_",
@@ -92,6 +111,57 @@ class CommStats:
 STATS = CommStats()
 
 
+@dataclass(frozen=True)
+class Topology:
+    """Where an optimizer's parameters live and how their work is split (its ``distributed``).
+
+    Attributes:
+        mode: ``"auto"`` splits work whenever a process group of size > 1 is initialised;
+            ``"off"`` processes every plain matrix on every rank.
+        group: process group over which plain (replicated, DDP) parameters are shared and the
+            ranks' agreement / NaN checks run (``None``: the default group, or ``mesh``'s).
+        mesh: ``DeviceMesh`` that plain parameters are replicated over (all of its ranks) and
+            that every ``DTensor`` parameter must live on (checked at construction).
+        overlap: start the communication of the next bucket before processing the current one
+            (asynchronous collectives, waited for explicitly); ``False`` runs them one by one.
+    """
+
+    mode: str = "auto"
+    group: Any = None
+    mesh: Any = None
+    overlap: bool = True
+
+    def __str__(self) -> str:
+        return self.mode
+
+
+def make_topology(
+    mode: str, process_group: Any = None, device_mesh: Any = None, overlap: bool = True
+) -> Topology:
+    """Validated :class:`Topology` of an optimizer's constructor arguments."""
+    if mode not in DISTRIBUTED_MODES:
+        raise ValueError(
+            f"distributed must be one of {', '.join(map(repr, DISTRIBUTED_MODES))}, got {mode!r}"
+        )
+    if process_group is not None and device_mesh is not None:
+        raise ValueError(
+            "pass process_group= (plain/DDP parameters) or device_mesh= (DTensor parameters, "
+            "and plain ones replicated over its ranks), not both"
+        )
+    if device_mesh is not None and not hasattr(device_mesh, "get_coordinate"):
+        raise ValueError(
+            f"device_mesh must be a torch.distributed.device_mesh.DeviceMesh, got "
+            f"{type(device_mesh).__name__}"
+        )
+    if not isinstance(overlap, bool):
+        raise ValueError(f"overlap must be True or False, got {overlap!r}")
+    return Topology(mode, process_group, device_mesh, overlap)
+
+
+def _topology(mode: str | Topology) -> Topology:
+    return mode if isinstance(mode, Topology) else Topology(mode)
+
+
 def is_dtensor(t: Any) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
@@ -109,15 +179,54 @@ def _is_replicated_dtensor(t: Tensor) -> bool:
     return is_dtensor(t) and t.device_mesh.ndim == 1 and t.placements[0] == Replicate()
 
 
-def unsupported_layout(t: Tensor) -> str | None:
-    """Why the sharded paths cannot handle parameter ``t`` (``None``: plain, or ``Shard(0)``
-    over a 1-D mesh, FSDP2's default); for a clear error at optimizer construction."""
-    if not is_dtensor(t) or _is_row_sharded(t):
-        return None
-    return (
-        f"it is a DTensor with placements {tuple(t.placements)} over a {t.device_mesh.ndim}-D "
-        "mesh; only Shard(0) over a 1-D mesh (FSDP2's default fully_shard) is supported"
+def _is_shard(placement: Any) -> bool:
+    """``Shard(d)`` or FSDP2's strided ``_StridedShard(d)`` (both split a tensor dimension)."""
+    return isinstance(placement, Shard) or (
+        _StridedShard is not None and isinstance(placement, _StridedShard)
     )
+
+
+def placement_of(t: Tensor) -> str:
+    """``"plain"``, or a DTensor's placements and mesh shape, e.g.
+    ``"(Replicate(), Shard(dim=0)) on mesh (2, 2)"``: compared across ranks at the first step."""
+    if not is_dtensor(t):
+        return "plain"
+    return f"{tuple(t.placements)} on mesh {tuple(t.device_mesh.shape)}"
+
+
+def unsupported_layout(t: Tensor, mesh_layouts: bool = True, mesh: Any = None) -> str | None:
+    """Why the sharded paths cannot handle parameter ``t``; for a clear error at construction.
+
+    ``None`` for plain tensors and for ``Shard(0)`` over a 1-D mesh (FSDP2's default); with
+    ``mesh_layouts`` (optimizers whose whole-matrix work goes through :func:`map_matrices`)
+    also for any mix of ``Replicate``, ``Shard(d)`` and ``_StridedShard(d)`` over a 1-D or
+    2-D mesh. ``mesh`` (an optimizer's ``device_mesh=``): ``t`` must live on it.
+    """
+    if not is_dtensor(t):
+        return None
+    where = (
+        f"it is a DTensor with placements {tuple(t.placements)} over a {t.device_mesh.ndim}-D mesh"
+    )
+    if mesh is not None and t.device_mesh != mesh:
+        return (
+            f"{where} {t.device_mesh}, not on the optimizer's device_mesh {mesh}; build one "
+            "optimizer per mesh (or leave device_mesh unset)"
+        )
+    if _is_row_sharded(t):
+        return None
+    if not mesh_layouts:
+        return (
+            f"{where}; this optimizer keeps row-sharded state of its own and supports only "
+            "Shard(0) over a 1-D mesh (FSDP2's default fully_shard); orthotorch.Muon, ROOT, "
+            "AuON and SPECTRA take HSDP, tensor-parallel and 2-D meshes"
+        )
+    bad = [p for p in t.placements if not (_is_shard(p) or isinstance(p, Replicate))]
+    if bad or t.device_mesh.ndim > 2:
+        return (
+            f"{where}; supported are Replicate(), Shard(d) and FSDP2's strided Shard over a "
+            "1-D or 2-D mesh (not Partial, which a parameter never is after backward)"
+        )
+    return None
 
 
 def row_range(t: Tensor) -> tuple[int, int]:
@@ -184,30 +293,95 @@ def wrap_like(t: Tensor, like: Tensor) -> Tensor:
     )
 
 
-def replicated_world(mode: str) -> tuple[int, int] | None:
-    """``(rank, world_size)`` of the default group when work should be split, else ``None``."""
-    if mode == "off" or not dist.is_available() or not dist.is_initialized():
+def replicated_world(mode: str | Topology) -> tuple[int, int] | None:
+    """``(rank, world_size)`` of the group plain (replicated) parameters are shared over (the
+    default group, or the optimizer's ``process_group``/``device_mesh``) when work should be
+    split, else ``None``."""
+    found = _replicated(mode)
+    return None if found is None else found[:2]
+
+
+def _replicated(mode: str | Topology) -> tuple[int, int, Any] | None:
+    topology = _topology(mode)
+    if topology.mode == "off" or not dist.is_available() or not dist.is_initialized():
         return None
-    world = dist.get_world_size()
-    return (dist.get_rank(), world) if world > 1 else None
+    group = _plain_group(topology)
+    world = dist.get_world_size(group)
+    return (dist.get_rank(group), world, group) if world > 1 else None
+
+
+def _plain_group(topology: Topology) -> Any:
+    if topology.mesh is not None:
+        return _mesh_group(topology.mesh, tuple(range(topology.mesh.ndim)))
+    return topology.group
+
+
+# Process groups over several mesh dimensions, created once per (mesh, dims).
+_FLAT_GROUPS: dict[tuple[Any, tuple[int, ...]], Any] = {}
+
+
+def _mesh_group(mesh: Any, dims: tuple[int, ...]) -> Any:
+    """The process group of the ranks that differ from this one only along mesh ``dims``.
+
+    One dimension: the mesh's own group. Several: the default group when they span a mesh of
+    the whole world, else the mesh's flattened sub-mesh (``DeviceMesh._flatten``, which every
+    rank of the mesh must reach in the same order: the first step of the same optimizer).
+    """
+    if len(dims) == 1:
+        return mesh.get_group(dims[0])
+    key = (mesh, dims)
+    if key not in _FLAT_GROUPS:
+        if len(dims) == mesh.ndim and mesh.mesh.numel() == dist.get_world_size():
+            group = dist.group.WORLD
+        elif mesh.mesh_dim_names:
+            names = mesh.mesh_dim_names
+            sub = mesh if len(dims) == mesh.ndim else mesh[tuple(names[d] for d in dims)]
+            group = sub._flatten().get_group()
+        else:
+            raise ValueError(
+                f"a DTensor sharded over mesh dimensions {dims} of {mesh} that does not span "
+                "the whole world needs named mesh dimensions (init_device_mesh(..., "
+                "mesh_dim_names=(...))) to build their process group"
+            )
+        _FLAT_GROUPS[key] = group
+    return _FLAT_GROUPS[key]
+
+
+def _check_group(tensors: Sequence[Tensor], mode: str | Topology) -> tuple[bool, Any]:
+    """``(needed, group)`` for decisions all ranks must share (agreement, NaN, has-gradient):
+    the optimizer's explicit group or mesh, else the first DTensor's whole mesh, else the group
+    of plain parameters."""
+    topology = _topology(mode)
+    if not dist.is_available() or not dist.is_initialized():
+        return False, None
+    if topology.group is not None or topology.mesh is not None:
+        group = _plain_group(topology)
+    else:
+        mesh = next((t.device_mesh for t in tensors if is_dtensor(t)), None)
+        if mesh is None:
+            found = _replicated(topology)
+            return found is not None, None if found is None else found[2]
+        group = _mesh_group(mesh, tuple(range(mesh.ndim)))
+    return dist.get_world_size(group) > 1, group
 
 
 def _group_of(tensors: Sequence[Tensor]) -> Any:
+    """The group spanning the first DTensor's mesh (``None``: no DTensor)."""
     for t in tensors:
         if is_dtensor(t):
-            return t.device_mesh.get_group()
+            return _mesh_group(t.device_mesh, tuple(range(t.device_mesh.ndim)))
     return None
 
 
-def any_rank(flags: Tensor, tensors: Sequence[Tensor], mode: str) -> Tensor:
+def any_rank(flags: Tensor, tensors: Sequence[Tensor], mode: str | Topology) -> Tensor:
     """Element-wise OR of a bool/int tensor over the ranks that share ``tensors``' parameters.
 
     Used so that a decision taken from local data (a non-finite gradient shard, a missing
     gradient) is taken identically on every rank: a rank that raised or skipped alone would
     leave the others waiting in the next collective forever.
     """
-    group = _group_of(tensors)
-    if group is None and replicated_world(mode) is None:
+    needed, group = _check_group(tensors, mode)
+    if not needed:
         return flags
     reduced = flags.to(torch.int32)
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
@@ -215,10 +389,12 @@ def any_rank(flags: Tensor, tensors: Sequence[Tensor], mode: str) -> Tensor:
     return reduced.to(flags.dtype)
 
 
-def all_ranks_agree(signature: list, tensors: Sequence[Tensor], mode: str, what: str) -> None:
+def all_ranks_agree(
+    signature: list, tensors: Sequence[Tensor], mode: str | Topology, what: str
+) -> None:
     """Raise ``ValueError`` on every rank unless all ranks pass the same ``signature``."""
-    group = _group_of(tensors)
-    if group is None and replicated_world(mode) is None:
+    needed, group = _check_group(tensors, mode)
+    if not needed:
         return
     world = dist.get_world_size(group)
     gathered: list[Any] = [None] * world
@@ -250,16 +426,18 @@ def map_matrices(
     """Apply ``kernel`` to every matrix of every update, splitting the work across ranks.
 
     Args:
-        updates: per-parameter tensors; plain tensors, or ``DTensor`` objects over one 1-D mesh,
-            each either row-sharded (``Shard(0)``) or replicated (``Replicate()``).
+        updates: per-parameter tensors; plain tensors (replicated over the topology's group),
+            or ``DTensor`` objects over 1-D or 2-D meshes with any mix of ``Replicate()``,
+            ``Shard(d)`` and ``_StridedShard(d)`` placements.
         kernel: ``(X, transposed) -> Y`` on a wide ``(k, m, n)`` stack in ``compute_dtype``.
         compute_dtype: dtype the matrices are stacked and communicated in.
         mode: ``"auto"`` splits work whenever a process group of size > 1 is initialised;
-            ``"off"`` processes every matrix locally (DTensor inputs still need the sharded path).
+            ``"off"`` processes every matrix locally (DTensor inputs still need the sharded
+            path); or a :class:`Topology` (explicit group or mesh, overlap switch).
         layouts: how each update is seen as matrices (:mod:`orthotorch.functional.layout`;
             ``None``: ``flatten`` for all). Each matrix of a layout (an expert, a q/k/v block)
-            is processed as its own matrix. A row-sharded ``batch`` tensor (an expert stack
-            sharded by experts) holds whole matrices on every rank and needs no communication.
+            is processed as its own matrix. A ``batch`` tensor sharded on its leading (expert)
+            dimensions holds whole matrices on every rank and needs no gather.
         scale: ``(rows, cols) -> factor`` applied to each result matrix (the optimizer's shape
             scale), with ``(rows, cols)`` the matrix in the layer's ``(out, in)`` orientation.
 
@@ -270,9 +448,12 @@ def map_matrices(
     layouts = [FLATTEN] * len(updates) if layouts is None else list(layouts)
     if len(layouts) != len(updates):
         raise ValueError(f"map_matrices: {len(layouts)} layouts for {len(updates)} updates")
+    topology = _topology(mode)
     if any(is_dtensor(u) for u in updates):
-        return _map_dtensors(updates, layouts, kernel, compute_dtype, scale)
-    return _map_plain(updates, layouts, kernel, compute_dtype, scale, replicated_world(mode))[0]
+        return _map_mesh(updates, layouts, kernel, compute_dtype, scale, topology)
+    found = _replicated(topology)
+    world, group = (None, None) if found is None else (found[:2], found[2])
+    return _map_plain(updates, layouts, kernel, compute_dtype, scale, world, group)[0]
 
 
 def _map_plain(
@@ -342,51 +523,321 @@ def _mesh_of(tensors: Sequence[Tensor], what: str, allow_replicated: bool) -> An
     return mesh
 
 
-def _map_dtensors(
+# ----------------------------------------------------------------- any mesh: owners over the mesh
+# Bytes (in the compute dtype) of whole matrices per bucket of the mesh path. With overlap, the
+# exchange of bucket k + 1 runs while bucket k is processed: large enough to batch same-shape
+# matrices into one kernel call, small enough that a model has several buckets to pipeline.
+BUCKET_BYTES = 8 * 2**20
+
+
+@lru_cache(maxsize=4096)
+def _index_map(
+    shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple, coord: tuple[int, ...]
+) -> Tensor | slice:
+    """Flat global indices of the elements the rank at mesh ``coord`` holds, in its local order
+    (a ``slice`` when they are one contiguous range, as for ``Shard(0)`` on a 1-D mesh).
+
+    Each mesh dimension's placement splits ``arange(numel)`` in turn with the placement's own
+    split (``torch.chunk`` semantics; ``_StridedShard`` interleaves): no communication, and
+    exactly DTensor's layout for every placement it defines.
+    """
+    t = torch.arange(math.prod(shape)).view(shape)
+    for size, placement, c in zip(mesh_shape, placements, coord, strict=True):
+        if _is_shard(placement):
+            t = placement._split_tensor(t, size, with_padding=False, contiguous=False)[0][c]
+    flat = t.reshape(-1)
+    first = int(flat[0]) if flat.numel() else 0
+    if torch.equal(flat, torch.arange(first, first + flat.numel())):
+        return slice(first, first + flat.numel())
+    return flat.clone()
+
+
+def _numel(index: Tensor | slice) -> int:
+    return index.stop - index.start if isinstance(index, slice) else index.numel()
+
+
+@dataclass(frozen=True)
+class _Peers:
+    """The ranks that differ from this one only along some mesh dimensions."""
+
+    group: Any  # None: a group of one (this rank)
+    coords: tuple[tuple[int, ...], ...]  # mesh coordinate of each group rank
+    me: int  # this rank's group rank
+
+
+def _peers(mesh: Any, dims: tuple[int, ...]) -> _Peers:
+    coord = tuple(mesh.get_coordinate())
+    if math.prod(mesh.shape[d] for d in dims) == 1:
+        return _Peers(None, (coord,), 0)
+    group = _mesh_group(mesh, dims)
+    grid = mesh.mesh
+    coords = tuple(
+        tuple(int(x) for x in (grid == r).nonzero()[0]) for r in dist.get_process_group_ranks(group)
+    )
+    return _Peers(group, coords, dist.get_rank(group))
+
+
+@dataclass
+class _Part:
+    """One update in the mesh path: its owner and where every shard peer's piece lies."""
+
+    i: int  # position in map_matrices' updates
+    layout: MatrixLayout
+    replica: int  # the replica slice (rank in the replicated-dims group) that owns it
+    owner: int  # the owner's rank in that slice's shard group
+    maps: list[Tensor | slice]  # per shard-group rank: global flat indices of its piece
+    sizes: list[int]  # per shard-group rank: numel of its piece
+
+
+@dataclass
+class _Pending:
+    """A collective in flight (``work`` from ``async_op=True``) and the buffer it fills."""
+
+    work: Any
+    buffer: Tensor
+
+    def wait(self) -> Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.buffer
+
+
+def _cat(pieces: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=dtype, device=device)
+
+
+def _map_mesh(
     updates: list[Tensor],
     layouts: list[MatrixLayout],
     kernel: Kernel,
     compute_dtype: torch.dtype,
     scale: Callable[[tuple[int, int]], float] | None,
+    topology: Topology,
 ) -> list[Tensor]:
-    mesh = _mesh_of(updates, "sharded orthogonalization", allow_replicated=True)
+    """DTensors on any mesh (and plain tensors beside them, replicated over the topology's
+    group): owners over the mesh dimensions that shard each update, replicas splitting them."""
     results: list[Tensor] = [None] * len(updates)  # type: ignore[list-item]
-
-    def run(index: list[int], how: Callable[..., tuple[list[Tensor], int]], *args: Any) -> int:
-        directions, counter = how(
-            [updates[i] for i in index], [layouts[i] for i in index], *args
-        )
-        for i, d in zip(index, directions, strict=True):
-            results[i] = d
-        return counter
-
-    # A row-sharded stack of independent matrices (experts sharded by experts) holds whole
-    # matrices on every rank: process them where they are.
-    whole = [i for i, u in enumerate(updates) if _is_row_sharded(u) and layouts[i].batch]
-    sharded = [i for i, u in enumerate(updates) if _is_row_sharded(u) and i not in whole]
-    replicated = [i for i, u in enumerate(updates) if not _is_row_sharded(u)]
-    if whole:
-        locals_ = [local(updates[i]) for i in whole]
+    plain = [i for i, u in enumerate(updates) if not is_dtensor(u)]
+    if plain:
+        found = _replicated(topology)
+        world, group = (None, None) if found is None else (found[:2], found[2])
         directions, _ = _map_plain(
-            locals_, [layouts[i] for i in whole], kernel, compute_dtype, scale, None
-        )
-        for i, d in zip(whole, directions, strict=True):
-            results[i] = d
-    counter = run(sharded, _map_sharded, kernel, compute_dtype, scale, mesh) if sharded else 0
-    if replicated:
-        directions, _ = _map_plain(
-            [local(updates[i]) for i in replicated],
-            [layouts[i] for i in replicated],
+            [updates[i] for i in plain],
+            [layouts[i] for i in plain],
             kernel,
             compute_dtype,
             scale,
-            (mesh.get_local_rank(), mesh.size()),
-            mesh.get_group(),
-            counter,
+            world,
+            group,
         )
-        for i, d in zip(replicated, directions, strict=True):
+        for i, d in zip(plain, directions, strict=True):
             results[i] = d
+    by_sharding: dict[tuple[Any, tuple[int, ...]], list[int]] = defaultdict(list)
+    for i, u in enumerate(updates):
+        if is_dtensor(u):
+            dims = tuple(d for d, p in enumerate(u.placements) if _is_shard(p))
+            by_sharding[(u.device_mesh, dims)].append(i)
+    counters: dict[Any, int] = defaultdict(int)
+    for (mesh, shard_dims), index in by_sharding.items():
+        replica_dims = tuple(d for d in range(mesh.ndim) if d not in shard_dims)
+        shard, replica = _peers(mesh, shard_dims), _peers(mesh, replica_dims)
+        # A batch of matrices sharded only on its leading (batch) dimensions, e.g. an expert
+        # stack sharded by experts, holds whole matrices on every rank: no gather; the
+        # replicated dimensions still split them (round robin + all_gather).
+        whole = [
+            i
+            for i in index
+            if layouts[i].batch
+            and all(p.dim < updates[i].ndim - 2 for p in updates[i].placements if _is_shard(p))
+        ]
+        if whole:
+            world = (replica.me, len(replica.coords)) if len(replica.coords) > 1 else None
+            directions, counters[mesh] = _map_plain(
+                [local(updates[i]) for i in whole],
+                [layouts[i] for i in whole],
+                kernel,
+                compute_dtype,
+                scale,
+                world,
+                replica.group,
+                counters[mesh],
+            )
+            for i, d in zip(whole, directions, strict=True):
+                results[i] = d
+        rest = [i for i in index if i not in whole]
+        if rest:
+            parts = _plan(updates, layouts, rest, shard, replica, counters[mesh])
+            counters[mesh] += len(parts)
+            _exchange(
+                updates, parts, kernel, compute_dtype, scale, shard, replica, topology, results
+            )
     return results
+
+
+def _plan(
+    updates: list[Tensor],
+    layouts: list[MatrixLayout],
+    index: list[int],
+    shard: _Peers,
+    replica: _Peers,
+    counter: int,
+) -> list[_Part]:
+    """Owners round robin over all ranks of the mesh (same-shape updates adjacent, so they
+    batch on their owners); every rank computes the same plan, so collectives match."""
+    S, R = len(shard.coords), len(replica.coords)
+    order = sorted(index, key=lambda i: (tuple(updates[i].shape), str(layouts[i])))
+    parts = []
+    for j, i in enumerate(order):
+        u = updates[i]
+        replica_rank, owner = divmod((counter + j) % (S * R), S)
+        key = (tuple(u.shape), tuple(u.device_mesh.shape), tuple(u.placements))
+        maps = [_index_map(*key, c) for c in shard.coords]
+        parts.append(_Part(i, layouts[i], replica_rank, owner, maps, [_numel(m) for m in maps]))
+    return parts
+
+
+def _buckets(parts: list[_Part], updates: list[Tensor], dtype: torch.dtype) -> list[list[_Part]]:
+    buckets: list[list[_Part]] = [[]]
+    size, limit = 0, BUCKET_BYTES // torch.empty(0, dtype=dtype).element_size()
+    for part in parts:
+        if buckets[-1] and size + updates[part.i].numel() > limit:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(part)
+        size += updates[part.i].numel()
+    return buckets
+
+
+def _exchange(
+    updates: list[Tensor],
+    parts: list[_Part],
+    kernel: Kernel,
+    dtype: torch.dtype,
+    scale: Callable[[tuple[int, int]], float] | None,
+    shard: _Peers,
+    replica: _Peers,
+    topology: Topology,
+    results: list[Tensor],
+) -> None:
+    """Pieces to owners, whole updates processed there, pieces back, replicas completed.
+
+    Per bucket, in every rank's slice (the ranks sharing its replicated coordinates):
+    ``all_to_all`` over the shard group brings each piece of an update the slice owns to its
+    owner; the owner places the pieces by their index maps, runs the layout's matrices, and a
+    second ``all_to_all`` returns the pieces; an ``all_gather`` over the replica group then
+    gives each rank its pieces of the updates the other slices own. With ``topology.overlap``
+    the exchange of the next bucket is in flight while this one is processed.
+    """
+    device = local(updates[parts[0].i]).device
+    S, me = len(shard.coords), shard.me
+    overlap = topology.overlap
+
+    def to_owners(bucket: list[_Part]) -> tuple[list[_Part], list[int], list[int], _Pending]:
+        slice_parts = [p for p in bucket if p.replica == replica.me]
+        by_owner = [[p for p in slice_parts if p.owner == s] for s in range(S)]
+        owned = by_owner[me]
+        send = _cat(
+            [local(updates[p.i]).reshape(-1).to(dtype) for s in range(S) for p in by_owner[s]],
+            dtype,
+            device,
+        )
+        send_sizes = [sum(p.sizes[me] for p in by_owner[s]) for s in range(S)]
+        recv_sizes = [sum(p.sizes[s] for p in owned) for s in range(S)]
+        pending = _start_all_to_all(send, send_sizes, recv_sizes, shard, overlap)
+        return slice_parts, send_sizes, recv_sizes, pending
+
+    def process(bucket: list[_Part], sent: tuple) -> tuple:
+        slice_parts, send_sizes, recv_sizes, pending = sent
+        owned = [p for p in slice_parts if p.owner == me]
+        pieces = pending.wait().split(recv_sizes)
+        whole = [torch.empty(updates[p.i].shape, dtype=dtype, device=device) for p in owned]
+        for s in range(S):
+            for p, piece, full in zip(owned, pieces[s].split([p.sizes[s] for p in owned]), whole):
+                full.view(-1)[p.maps[s]] = piece
+        directions, _ = _map_plain(whole, [p.layout for p in owned], kernel, dtype, scale, None)
+        back = _cat(
+            [d.reshape(-1)[p.maps[s]] for s in range(S) for p, d in zip(owned, directions)],
+            dtype,
+            device,
+        )
+        return (
+            slice_parts,
+            send_sizes,
+            _start_all_to_all(back, recv_sizes, send_sizes, shard, overlap),
+        )
+
+    def complete(bucket: list[_Part], returned: tuple) -> tuple:
+        slice_parts, send_sizes, pending = returned
+        by_owner = pending.wait().split(send_sizes)
+        mine: dict[int, Tensor] = {}
+        for s in range(S):
+            owned_by_s = [p for p in slice_parts if p.owner == s]
+            for p, piece in zip(owned_by_s, by_owner[s].split([p.sizes[me] for p in owned_by_s])):
+                mine[p.i] = piece
+        R = len(replica.coords)
+        if R == 1:
+            return bucket, mine, None
+        per_replica = [sum(p.sizes[me] for p in bucket if p.replica == r) for r in range(R)]
+        block = torch.zeros(max(per_replica), dtype=dtype, device=device)
+        if slice_parts:
+            torch.cat([mine[p.i] for p in slice_parts], out=block[: per_replica[replica.me]])
+        return bucket, per_replica, _start_all_gather(block, replica, overlap)
+
+    def unpack(done: tuple) -> None:
+        bucket, got, pending = done
+        if pending is None:
+            pieces = got
+        else:
+            per_replica, pieces = got, {}
+            blocks = pending.wait().view(len(replica.coords), -1)
+            for r, block in enumerate(blocks):
+                in_r = [p for p in bucket if p.replica == r]
+                sizes = [p.sizes[me] for p in in_r]
+                for p, piece in zip(in_r, block[: per_replica[r]].split(sizes)):
+                    pieces[p.i] = piece
+        for p in bucket:
+            results[p.i] = pieces[p.i].reshape(local(updates[p.i]).shape)
+
+    buckets = _buckets(parts, updates, dtype)
+    if not overlap:
+        for bucket in buckets:
+            unpack(complete(bucket, process(bucket, to_owners(bucket))))
+        return
+    # Pipeline: bucket k + 1's pieces travel while bucket k is processed; the returns and the
+    # replica gathers are all in flight before the first is waited for.
+    sent = to_owners(buckets[0])
+    returned = []
+    for k, bucket in enumerate(buckets):
+        following = to_owners(buckets[k + 1]) if k + 1 < len(buckets) else None
+        returned.append(process(bucket, sent))
+        sent = following
+    done = [complete(bucket, r) for bucket, r in zip(buckets, returned, strict=True)]
+    for d in done:
+        unpack(d)
+
+
+def _start_all_to_all(
+    send: Tensor, send_sizes: list[int], recv_sizes: list[int], peers: _Peers, async_op: bool
+) -> _Pending:
+    if peers.group is None:
+        return _Pending(None, send)
+    recv = torch.empty(sum(recv_sizes), dtype=send.dtype, device=send.device)
+    work = dist.all_to_all_single(
+        recv, send.contiguous(), recv_sizes, send_sizes, group=peers.group, async_op=async_op
+    )
+    STATS.collectives += 1
+    STATS.bytes_sent += (sum(send_sizes) - send_sizes[peers.me]) * send.element_size()
+    return _Pending(work, recv)
+
+
+def _start_all_gather(block: Tensor, peers: _Peers, async_op: bool) -> _Pending:
+    world = len(peers.coords)
+    out = torch.empty(world * block.numel(), dtype=block.dtype, device=block.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    work = gather(out, block, group=peers.group, async_op=async_op)
+    STATS.collectives += 1
+    STATS.bytes_sent += block.numel() * block.element_size() * (world - 1)
+    return _Pending(work, out)
 
 
 def _positions(shapes: Sequence[Any]) -> dict[Any, list[int]]:
@@ -497,62 +948,6 @@ def _to_owners(
         full[:, start : start + chunks[s]] = pieces[s].view(len(mine), chunks[s], cols)
         start += chunks[s]
     return full, ex
-
-
-def _from_owners(full: Tensor, ex: _Exchange, mesh: Any) -> list[Tensor]:
-    """Inverse of :func:`_to_owners`: my row shard of every matrix, from its owner."""
-    world, rank = mesh.size(), mesh.get_local_rank()
-    results = list(full.unbind(0))
-    offsets = [sum(ex.chunks[:s]) for s in range(world + 1)]
-    back = torch.cat(
-        [
-            results[j][offsets[s] : offsets[s + 1]].reshape(-1)
-            for s in range(world)
-            for j in range(len(ex.mine))
-        ]
-        or [torch.empty(0, device=full.device, dtype=full.dtype)]
-    )
-    returned = _all_to_all(back, ex.recv_sizes, ex.send_sizes, mesh.get_group(), rank)
-    by_owner = list(returned.split(ex.send_sizes))
-    size = ex.chunks[rank] * ex.cols
-    shards: list[Tensor] = [None] * len(ex.owners)  # type: ignore[list-item]
-    for r in range(world):
-        owned = [i for i in range(len(ex.owners)) if ex.owners[i] == r]
-        for j, i in enumerate(owned):
-            shards[i] = by_owner[r][j * size : (j + 1) * size].reshape(ex.chunks[rank], ex.cols)
-    return shards
-
-
-def _map_sharded(
-    updates: list[Tensor],
-    layouts: list[MatrixLayout],
-    kernel: Kernel,
-    compute_dtype: torch.dtype,
-    scale: Callable[[tuple[int, int]], float] | None,
-    mesh: Any,
-) -> tuple[list[Tensor], int]:
-    """Row shards to each matrix's owner, the layout's matrices processed there, shards back."""
-    rank, world = mesh.get_local_rank(), mesh.size()
-    results: list[Tensor] = [None] * len(updates)  # type: ignore[list-item]
-    counter = 0
-    keys = [(tuple(u.shape), layouts[i]) for i, u in enumerate(updates)]
-    for (shape, layout), index in _positions(keys).items():
-        rows, cols = matrix_shape(shape)
-        owners = [(counter + i) % world for i in range(len(index))]
-        counter += len(index)
-        chunks = _row_chunks(rows, world)
-        shards = [local(updates[i]).reshape(chunks[rank], cols) for i in index]
-        full, ex = _to_owners(shards, rows, cols, owners, mesh, compute_dtype)
-        if ex.mine:
-            whole = list(full.view(len(ex.mine), *shape).unbind(0))
-            directions, _ = _map_plain(
-                whole, [layout] * len(whole), kernel, compute_dtype, scale, None
-            )
-            full = torch.stack(directions).view(len(ex.mine), rows, cols)
-        shards_back = _from_owners(full, ex, mesh)
-        for i, d in zip(index, shards_back, strict=True):
-            results[i] = d.reshape(local(updates[i]).shape)
-    return results, counter
 
 
 def _all_to_all(

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import distributed
-from ..distributed import DISTRIBUTED_MODES
+from ..distributed import make_topology
 from ..functional import (
     MatrixLayout,
     adamw_step_,
@@ -84,8 +84,16 @@ class OrthogonalOptimizer(Optimizer):
             ``"nonfinite_skips"``.
         distributed: ``"auto"``: when a process group of size > 1 is initialised, parameters are
             taken as replicated (DDP) and each rank orthogonalizes a ``1/world_size`` share of the
-            matrices, then results are all-gathered; ``DTensor`` parameters (FSDP2) are always
-            handled shard-wise. ``"off"``: every rank processes every (plain) matrix itself.
+            matrices, then results are all-gathered; ``DTensor`` parameters (FSDP2, HSDP, tensor
+            parallel) are always handled shard-wise. ``"off"``: every rank processes every
+            (plain) matrix itself.
+        process_group: the group plain (replicated) parameters are shared over, e.g. one
+            pipeline stage's data-parallel group (default: the default group).
+        device_mesh: a ``DeviceMesh`` that every ``DTensor`` parameter must live on (checked
+            here) and that plain parameters are replicated over; for several optimizers on
+            separate meshes (expert and dense, pipeline stages). Not with ``process_group``.
+        overlap: run the communication of the next bucket while the current one is processed
+            (asynchronous collectives); ``False`` runs them one after another.
     """
 
     algorithm: ClassVar[str] = "orthogonal"
@@ -93,6 +101,10 @@ class OrthogonalOptimizer(Optimizer):
     # ``param_groups(policy="symmetry")``); optimizers with their own direction must refuse
     # one rather than silently ignore it.
     accepts_update_rules: ClassVar[bool] = False
+    # Whether the whole-matrix work goes through distributed.map_matrices alone, which serves
+    # DTensors on any 1-D/2-D mesh; optimizers with row-sharded state of their own (ARO, the
+    # low-rank ones) support only FSDP2's Shard(0) on a 1-D mesh.
+    mesh_layouts: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -103,13 +115,13 @@ class OrthogonalOptimizer(Optimizer):
         check_finite: bool = True,
         skip_nonfinite: bool = False,
         distributed: str = "auto",
+        process_group: Any = None,
+        device_mesh: Any = None,
+        overlap: bool = True,
     ) -> None:
-        if distributed not in DISTRIBUTED_MODES:
-            raise ValueError(
-                f"distributed must be one of {', '.join(map(repr, DISTRIBUTED_MODES))}, "
-                f"got {distributed!r}"
-            )
-        self.distributed = distributed
+        # Validated (ValueError naming the argument) and kept as one Topology, which every
+        # call into orthotorch.distributed takes in place of the mode string.
+        self.distributed = make_topology(distributed, process_group, device_mesh, overlap)
         self._ranks_checked = False
         if skip_nonfinite and not check_finite:
             raise ValueError("skip_nonfinite=True needs check_finite=True")
@@ -184,7 +196,9 @@ class OrthogonalOptimizer(Optimizer):
                 )
             # Checked here, not at the first step: a layout the sharded paths cannot handle
             # would otherwise surface as a hang or a shape error inside a collective.
-            reason = distributed.unsupported_layout(p)
+            reason = distributed.unsupported_layout(
+                p, self.mesh_layouts, self.distributed.mesh
+            )
             if reason is not None:
                 raise ValueError(f"{label}: parameter {self._param_label(group, i)}: {reason}")
         self._validate_layouts(group, label)
@@ -317,10 +331,20 @@ class OrthogonalOptimizer(Optimizer):
 
     def _check_ranks_agree(self, all_params: list[Tensor]) -> None:
         """Once, at the first step: every rank must hold the same parameter list."""
+        # Layout and placement too: ranks that shard a weight differently would exchange
+        # pieces of different sizes (a hang or garbage), so they fail here, naming it.
         signature = [
-            (gi, group["algorithm"], tuple(p.shape), str(p.dtype))
+            (
+                gi,
+                self._param_label(group, i),
+                group["algorithm"],
+                tuple(p.shape),
+                str(p.dtype),
+                (group.get("layouts") or ["flatten"] * len(group["params"]))[i],
+                distributed.placement_of(p),
+            )
             for gi, group in enumerate(self.param_groups)
-            for p in group["params"]
+            for i, p in enumerate(group["params"])
         ]
         distributed.all_ranks_agree(
             signature, all_params, self.distributed, f"the parameters of {type(self).__name__}"

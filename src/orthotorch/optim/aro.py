@@ -85,6 +85,8 @@ class ARO(OrthogonalOptimizer):
     """
 
     algorithm = "aro"
+    # The rotation is row-sharded state packed beside the momentum: FSDP2's 1-D Shard(0) only.
+    mesh_layouts = False
 
     def __init__(
         self,
@@ -103,6 +105,7 @@ class ARO(OrthogonalOptimizer):
         check_finite: bool = True,
         skip_nonfinite: bool = False,
         distributed: str = "auto",
+        **topology: Any,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -122,6 +125,7 @@ class ARO(OrthogonalOptimizer):
             check_finite=check_finite,
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
+            **topology,
         )
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:

@@ -89,6 +89,7 @@ class AuON(OrthogonalOptimizer):
         check_finite: bool = True,
         skip_nonfinite: bool = False,
         distributed: str = "auto",
+        **topology: Any,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -107,6 +108,7 @@ class AuON(OrthogonalOptimizer):
             check_finite=check_finite,
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
+            **topology,
         )
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:

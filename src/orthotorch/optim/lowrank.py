@@ -87,6 +87,8 @@ class _LowRankAdamW(OrthogonalOptimizer):
     """
 
     finder: ClassVar[SubspaceFinder]
+    # Row-sharded moments and projections of their own: FSDP2's 1-D Shard(0) only.
+    mesh_layouts = False
 
     def __init__(
         self,
@@ -97,6 +99,7 @@ class _LowRankAdamW(OrthogonalOptimizer):
         check_finite: bool,
         skip_nonfinite: bool,
         distributed: DistributedMode,
+        **topology: Any,
     ) -> None:
         super().__init__(
             params,
@@ -105,6 +108,7 @@ class _LowRankAdamW(OrthogonalOptimizer):
             check_finite=check_finite,
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
+            **topology,
         )
 
     # ------------------------------------------------------------------ validation
@@ -449,6 +453,7 @@ class DCTAdamW(_LowRankAdamW):
         check_finite: bool = True,
         skip_nonfinite: bool = False,
         distributed: DistributedMode = "auto",
+        **topology: Any,
     ) -> None:
         defaults = dict(
             lr=lr, rank=rank, update_every=update_every, scale=scale,
@@ -463,6 +468,7 @@ class DCTAdamW(_LowRankAdamW):
             check_finite=check_finite,
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
+            **topology,
         )
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
@@ -522,6 +528,7 @@ class GaLoreAdamW(_LowRankAdamW):
         check_finite: bool = True,
         skip_nonfinite: bool = False,
         distributed: DistributedMode = "auto",
+        **topology: Any,
     ) -> None:
         defaults = dict(
             lr=lr, rank=rank, update_every=update_every, scale=scale,
@@ -536,6 +543,7 @@ class GaLoreAdamW(_LowRankAdamW):
             check_finite=check_finite,
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
+            **topology,
         )
 
 

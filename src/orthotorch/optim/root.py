@@ -105,6 +105,7 @@ class ROOT(OrthogonalOptimizer):
         check_finite: bool = True,
         skip_nonfinite: bool = False,
         distributed: str = "auto",
+        **topology: Any,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -127,6 +128,7 @@ class ROOT(OrthogonalOptimizer):
             check_finite=check_finite,
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
+            **topology,
         )
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:

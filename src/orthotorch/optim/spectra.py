@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import distributed
+from ..distributed import make_topology
 from ..functional import MatrixLayout, apply_updates_, parse_layout
 from ..functional.checks import maybe_nonfinite
 from ..linalg.spectral import (
@@ -117,6 +118,8 @@ class SPECTRA(Optimizer):
             gradients before the base step, changing nothing (one host sync per step and
             device).
         distributed: ``"auto"`` or ``"off"``; see :class:`~orthotorch.optim.OrthogonalOptimizer`.
+        process_group, device_mesh, overlap: explicit topology and the overlap switch; see
+            :class:`~orthotorch.optim.OrthogonalOptimizer`.
 
     A closure is evaluated once by the wrapper, then the base step runs without it: optimizers
     that re-evaluate the loss inside ``step`` (LBFGS) are not supported.
@@ -139,6 +142,9 @@ class SPECTRA(Optimizer):
         route: ClipRoute = "auto",
         check_finite: bool = True,
         distributed: str = "auto",
+        process_group: Any = None,
+        device_mesh: Any = None,
+        overlap: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise ValueError(
@@ -170,7 +176,7 @@ class SPECTRA(Optimizer):
         self.method, self.steps, self.dtype = method, steps, dtype
         self.polish_steps, self.route = polish_steps, route
         self.check_finite = bool(check_finite)
-        self.distributed = distributed
+        self.distributed = make_topology(distributed, process_group, device_mesh, overlap)
         self.optimizer = optimizer
         # Not Optimizer.__init__: the groups, state and defaults are the base optimizer's own
         # objects, so a scheduler writing ``group["lr"]`` here changes the base step too.
