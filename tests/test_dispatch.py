@@ -229,8 +229,7 @@ def test_bad_input_raises() -> None:
 def test_dct_cache_key_of_bare_cuda_is_the_current_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """The other device-dependent branch of linalg: "cuda" and "cuda:<current>" share one DCT
     basis (forced on the CPU by faking the current device)."""
-    from orthotorch.linalg import dct
-
+    dct = importlib.import_module("orthotorch.linalg.dct")  # the module, not the function
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert dct._device_key("cuda") == torch.device("cuda", 3)
     assert dct._device_key("cuda:1") == torch.device("cuda", 1)
