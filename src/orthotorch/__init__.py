@@ -5,6 +5,7 @@ from types import ModuleType
 
 from . import functional, linalg, merge, metrics, nn
 from ._version import __version__
+from .linalg.tuning import tune
 from .optim import (
     ARO,
     ROOT,
@@ -18,7 +19,7 @@ from .optim import (
     NorMuon,
     OrthogonalOptimizer,
 )
-from .routing import describe, param_groups, route_parameters
+from .routing import ParameterPlan, describe, param_groups, plan_parameters, route_parameters
 
 __all__ = [
     "ARO",
@@ -32,6 +33,7 @@ __all__ = [
     "NonFiniteGradientError",
     "NorMuon",
     "OrthogonalOptimizer",
+    "ParameterPlan",
     "__version__",
     "decomposition",
     "describe",
@@ -41,7 +43,9 @@ __all__ = [
     "metrics",
     "nn",
     "param_groups",
+    "plan_parameters",
     "route_parameters",
+    "tune",
 ]
 
 

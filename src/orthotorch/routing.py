@@ -180,14 +180,14 @@ def _role(
         return "head"
     if p.ndim < 2:
         return "bias" if _leaf(name) == "bias" or _leaf(name).endswith("_bias") else "norm"
-    if min(matrix_shape(p.shape)) == 1:
-        return "vector"
-    if _is_router(module_name, module, parents[0] if parents else None):
-        return "router"
     known = isinstance(module, (nn.Linear, nn.MultiheadAttention, nn.modules.conv._ConvNd))
     known = known or _is_conv1d(module, p) or _is_experts(module_name, module)
     if not known and _matches(_leaf(name), _EMBEDDING_WORDS):
         return "embedding"  # raw parameters: cls tokens, position embeddings, ...
+    if min(matrix_shape(p.shape)) == 1:
+        return "vector"
+    if _is_router(module_name, module, parents[0] if parents else None):
+        return "router"
     if _is_experts(module_name, module):
         return "mlp_in" if _matches(_leaf(name), _MLP_IN) else "mlp_out"
     path = module_name.lower().split(".")
