@@ -40,6 +40,9 @@ class NonFiniteGradientError(FloatingPointError, ValueError):
 
 
 ADAMW = "adamw"
+# The lr of "adamw" groups that set none, when the optimizer is given no adamw_lr: AdamW's own
+# default (torch.optim.AdamW), never the orthogonalized groups' lr, which is ~20x larger.
+DEFAULT_ADAMW_LR = 1e-3
 
 
 def _is_number(x: object) -> bool:
@@ -73,7 +76,10 @@ class OrthogonalOptimizer(Optimizer):
             :func:`orthotorch.param_groups`). A group with ``"algorithm": "adamw"`` is updated
             with AdamW using its own ``lr``, ``betas``, ``eps`` and ``weight_decay``.
         defaults: the subclass's hyperparameters.
-        adamw_lr: default ``lr`` of ``"adamw"`` groups that do not set one (``None``: ``lr``).
+        adamw_lr: ``lr`` of the ``"adamw"`` groups that do not set their own (``None``:
+            ``1e-3``, ``torch.optim.AdamW``'s default; never the orthogonalized ``lr``). This is
+            the one documented way to set the AdamW lr; a group's own ``"lr"`` (e.g. from
+            ``param_groups(model, adamw={"lr": ...})``) still wins, as in ``torch.optim``.
         check_finite: check all gradients for NaN/Inf before each step and raise
             :class:`NonFiniteGradientError` (a ``FloatingPointError`` and ``ValueError``) naming
             the parameter, leaving parameters and state untouched. Costs one host sync per step
@@ -138,9 +144,9 @@ class OrthogonalOptimizer(Optimizer):
             isinstance(param_group, dict)
             and param_group.get("algorithm") == ADAMW
             and "lr" not in param_group
-            and self._adamw_lr is not None
         ):
-            param_group = {**param_group, "lr": self._adamw_lr}
+            lr = DEFAULT_ADAMW_LR if self._adamw_lr is None else self._adamw_lr
+            param_group = {**param_group, "lr": lr}
         super().add_param_group(param_group)
         index = len(self.param_groups) - 1
         try:

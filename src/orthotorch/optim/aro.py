@@ -73,7 +73,7 @@ class ARO(OrthogonalOptimizer):
             Sinkhorn scalings and the state stay float32 (see :mod:`orthotorch.functional.aro`
             for the precision caveat with rank-deficient momenta).
         betas, eps: AdamW hyperparameters of ``"adamw"`` groups.
-        adamw_lr: default ``lr`` of ``"adamw"`` groups that set none (``None``: ``lr``).
+        adamw_lr: ``lr`` of ``"adamw"`` groups that set none (``None``: ``1e-3``, AdamW's default).
         check_finite: raise on NaN/Inf gradients before changing anything.
         skip_nonfinite: skip (and count) updates of parameters with NaN/Inf gradients instead.
         distributed: ``"auto"`` or ``"off"``; see :class:`~orthotorch.optim.OrthogonalOptimizer`.

@@ -58,7 +58,7 @@ class AuON(OrthogonalOptimizer):
         ns_dtype: compute dtype of the hybrid Newton–Schulz step (``None``: bf16). Plain AuON
             computes in the parameters' dtype.
         betas, eps: AdamW hyperparameters of ``"adamw"`` groups.
-        adamw_lr: default ``lr`` of ``"adamw"`` groups that set none (``None``: ``lr``).
+        adamw_lr: ``lr`` of ``"adamw"`` groups that set none (``None``: ``1e-3``, AdamW's default).
         check_finite: raise on NaN/Inf gradients before changing anything.
         skip_nonfinite: skip (and count) updates of parameters with NaN/Inf gradients instead.
         distributed: ``"auto"`` or ``"off"``; see :class:`~orthotorch.optim.OrthogonalOptimizer`.

@@ -387,7 +387,7 @@ _SHARED_ARGS_DOC = """
             by Newton–Schulz (``ns_method``, ``ns_steps``, ``ns_dtype`` as in
             :class:`orthotorch.Muon`), scaled by ``0.2 sqrt(max(m, n))`` times ``scale``
             (keeps AdamW's lr range). State: one ``r``-dim momentum buffer.
-        adamw_lr: default ``lr`` of ``"adamw"`` groups that set none (``None``: ``lr``).
+        adamw_lr: ``lr`` of ``"adamw"`` groups that set none (``None``: ``1e-3``, AdamW's default).
         check_finite: raise on NaN/Inf gradients before changing anything (one sync per step).
         skip_nonfinite: skip (and count in state) updates of parameters with NaN/Inf gradients.
         distributed: ``"auto"`` (default): under DDP each subspace search and each

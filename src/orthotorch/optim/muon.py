@@ -37,8 +37,9 @@ class Muon(OrthogonalOptimizer):
 
     Args:
         params: tensors, ``(name, tensor)`` pairs or group dicts.
-        lr: learning rate (default ``1e-3``, as ``torch.optim.Muon``; ``0.02`` is the usual
-            value with ``adjust_lr="original"``).
+        lr: learning rate of the orthogonalized groups (default ``0.02``, the usual value with
+            ``adjust_lr="original"``; ``torch.optim.Muon`` defaults to ``1e-3``). With
+            ``adjust_lr="match_rms_adamw"`` use an AdamW-like lr (e.g. ``3e-4``).
         weight_decay: decoupled weight decay ``lambda`` (default ``0.1``).
         momentum: ``mu`` (default ``0.95``).
         nesterov: use the Nesterov form (default ``True``).
@@ -51,7 +52,8 @@ class Muon(OrthogonalOptimizer):
         update: update rule from :func:`orthotorch.functional.available_update_rules`.
         betas, eps: AdamW hyperparameters of ``"adamw"`` groups (default ``(0.9, 0.95)``,
             ``1e-8``).
-        adamw_lr: default ``lr`` of ``"adamw"`` groups that set none (``None``: ``lr``).
+        adamw_lr: ``lr`` of ``"adamw"`` groups that set none (``None``: ``1e-3``, AdamW's
+            default; never ``lr``).
         check_finite: raise on NaN/Inf gradients before changing anything (one sync per step).
         skip_nonfinite: skip (and count in state) updates of parameters with NaN/Inf gradients
             instead of raising.
@@ -70,7 +72,7 @@ class Muon(OrthogonalOptimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
+        lr: float = 0.02,
         weight_decay: float = 0.1,
         momentum: float = 0.95,
         nesterov: bool = True,

@@ -71,7 +71,7 @@ class ROOT(OrthogonalOptimizer):
         adjust_lr: ``"match_rms_adamw"`` (``0.2 sqrt(max(m, n))``, default, the paper's) or
             ``"original"`` (``sqrt(max(1, m/n))``).
         betas, eps: AdamW hyperparameters of ``"adamw"`` groups.
-        adamw_lr: default ``lr`` of ``"adamw"`` groups that set none (``None``: ``lr``).
+        adamw_lr: ``lr`` of ``"adamw"`` groups that set none (``None``: ``1e-3``, AdamW's default).
         check_finite: raise on NaN/Inf gradients before changing anything.
         skip_nonfinite: skip (and count) updates of parameters with NaN/Inf gradients instead.
         distributed: ``"auto"`` (split the work on whole matrices across ranks under
