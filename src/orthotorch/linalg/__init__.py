@@ -20,7 +20,9 @@ from .dct import (
     dct_column_scores,
     select_columns,
 )
+from .dispatch import plan_table
 from .newton_schulz import (
+    AOL_COEFFICIENTS,
     JIACHENG_COEFFICIENTS,
     MUON_COEFFICIENTS,
     POLAR_EXPRESS_COEFFICIENTS,
@@ -50,8 +52,10 @@ from .root import (
     root_schedule,
 )
 from .spectral import CLIP_ROUTES, ClipRoute, spectral_clip, spectral_clip_reference
+from .tuning import tune
 
 __all__ = [
+    "AOL_COEFFICIENTS",
     "CLIP_ROUTES",
     "JIACHENG_COEFFICIENTS",
     "MUON_COEFFICIENTS",
@@ -75,6 +79,7 @@ __all__ = [
     "orthogonality_error",
     "orthogonalize",
     "orthogonalize_unchecked",
+    "plan_table",
     "polar",
     "register_method",
     "resolve_compute",
@@ -83,4 +88,5 @@ __all__ = [
     "spectral_clip",
     "spectral_clip_reference",
     "table_schedule",
+    "tune",
 ]
