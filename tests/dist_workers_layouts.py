@@ -4,7 +4,7 @@ Parameters are placed directly as ``DTensor`` objects with the placements that H
 tensor parallelism, tensor parallelism alone and expert parallelism produce (``fully_shard`` /
 ``parallelize_module`` give the same placements; examples/fsdp_tp.py runs the real thing), and
 get the same gradients as a single-process run: ``g = noise(step) + 0.1 * p``. Each scenario
-writes what it observed to ``{out}/rank{rank}.pt``; the test process asserts.
+returns what it observed; :func:`worker` saves them to ``{out}/rank{rank}.pt``.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def matrices_per_step(names: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------- scenarios
-def scenario_layouts(rank: int, out: str, arg: str) -> None:
+def scenario_layouts(rank: int, out: str, arg: str) -> dict:
     """Every layout x every optimizer of ``arg`` (comma-separated): 5 steps, compared with the
     single-process run; per-rank matrices processed per step."""
     names = list(SHAPES)
@@ -177,10 +177,10 @@ def scenario_layouts(rank: int, out: str, arg: str) -> None:
                 entry["moved"] = min(rel_err(ref[n], initial(n)) for n in names)
             results[(opt_name, layout)] = entry
     results["total_matrices"] = matrices_per_step(names)
-    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    return results
 
 
-def scenario_edge_cases(rank: int, out: str, arg: str) -> None:
+def scenario_edge_cases(rank: int, out: str, arg: str) -> dict:
     """A gradient missing on one rank; groups smaller than the world (process_group= for plain
     parameters, device_mesh= for DTensors on a 2-rank sub-mesh); refusals at construction."""
     names = list(SHAPES)
@@ -239,10 +239,10 @@ def scenario_edge_cases(rank: int, out: str, arg: str) -> None:
         results["refused_mesh"] = ""
     except ValueError as err:
         results["refused_mesh"] = str(err)
-    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    return results
 
 
-def scenario_disagree(rank: int, out: str, arg: str) -> None:
+def scenario_disagree(rank: int, out: str, arg: str) -> dict:
     """Ranks that shard a weight differently (rank 3 by columns) and a NaN on one rank: a
     ValueError on every rank, not a hang."""
     results: dict = {}
@@ -274,7 +274,7 @@ def scenario_disagree(rank: int, out: str, arg: str) -> None:
         results["nan"] = ""
     except FloatingPointError as err:
         results["nan"] = str(err)
-    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    return results
 
 
 class Holder(nn.Module):
@@ -308,7 +308,7 @@ def _save(model: nn.Module, opt, path: str) -> None:
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
 
-def scenario_checkpoint(rank: int, out: str, arg: str) -> None:
+def scenario_checkpoint(rank: int, out: str, arg: str) -> dict:
     """HSDP 2x2 (2 steps) -> save -> FSDP 1x4 (1 step) -> save -> FSDP+TP 2x2 (1 step) -> save;
     the test process loads the last checkpoint on one process and takes step 5."""
     names = list(SHAPES)
@@ -327,7 +327,7 @@ def scenario_checkpoint(rank: int, out: str, arg: str) -> None:
             set_grads({n: getattr(model, n) for n in names}, step)
             opt.step()
             _save(model, opt, os.path.join(base, layout))
-    torch.save({}, os.path.join(out, f"rank{rank}.pt"))
+    return {}
 
 
 def resume_single_process(out: str, opt_name: str) -> dict[str, torch.Tensor]:
@@ -341,7 +341,7 @@ def resume_single_process(out: str, opt_name: str) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in live.items()}
 
 
-def scenario_overlap(rank: int, out: str, arg: str) -> None:
+def scenario_overlap(rank: int, out: str, arg: str) -> dict:
     """Step time with and without overlap, interleaved, on the HSDP and FSDP+TP layouts."""
     import statistics
 
@@ -363,10 +363,10 @@ def scenario_overlap(rank: int, out: str, arg: str) -> None:
                 dist.barrier()
                 samples[flag].append(time.perf_counter() - t0)
         times[layout] = {flag: statistics.median(s) for flag, s in samples.items()}
-    torch.save(times, os.path.join(out, f"rank{rank}.pt"))
+    return times
 
 
-SCENARIOS: dict[str, Callable[[int, str, str], None]] = {
+SCENARIOS: dict[str, Callable[[int, str, str], dict]] = {
     "layouts": scenario_layouts,
     "edge_cases": scenario_edge_cases,
     "disagree": scenario_disagree,
@@ -375,11 +375,17 @@ SCENARIOS: dict[str, Callable[[int, str, str], None]] = {
 }
 
 
-def worker(rank: int, world: int, port: int, scenario: str, out: str, arg: str) -> None:
+def worker(rank: int, world: int, port: int, scenarios: str, out: str, args: dict) -> None:
+    """Run each of ``scenarios`` (comma-separated) with its ``args`` entry in one process group
+    (spawning is the slow part) and save ``{scenario: result}`` to ``{out}/rank{rank}.pt``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    SCENARIOS[scenario](rank, out, arg)
+    results = {}
+    for scenario in scenarios.split(","):
+        results[scenario] = SCENARIOS[scenario](rank, out, args.get(scenario, ""))
+        dist.barrier()
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     # Skip interpreter and gloo teardown (intermittent aborts after the results are on disk).
     os._exit(0)

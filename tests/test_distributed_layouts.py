@@ -27,13 +27,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(scenario: str, out: Path, arg: str = "") -> list[dict]:
-    """Run a :mod:`dist_workers_layouts` scenario on 4 spawned ranks; a hang fails the test
+CHECKPOINTED = ["Muon", "ROOT", "AuON-hybrid", "SPECTRA"]
+
+
+def run(scenarios: str, out: Path, args: dict) -> list[dict]:
+    """Run :mod:`dist_workers_layouts` scenarios on 4 spawned ranks; a hang fails the test
     after TIMEOUT_S instead of blocking the suite."""
     ctx = mp.get_context("spawn")
     port = free_port()
     procs = [
-        ctx.Process(target=W.worker, args=(rank, W.WORLD, port, scenario, str(out), arg))
+        ctx.Process(target=W.worker, args=(rank, W.WORLD, port, scenarios, str(out), args))
         for rank in range(W.WORLD)
     ]
     for p in procs:
@@ -43,14 +46,37 @@ def run(scenario: str, out: Path, arg: str = "") -> list[dict]:
     hung = [p for p in procs if p.is_alive()]
     for p in hung:
         p.kill()
-    assert not hung, f"scenario {scenario!r} hung for {TIMEOUT_S}s"
+    assert not hung, f"scenarios {scenarios!r} hung for {TIMEOUT_S}s"
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(W.WORLD)]
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return run("layouts", tmp_path_factory.mktemp("layouts"), ",".join(OPTIMIZERS))
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    """One spawn of 4 ranks runs every scenario (each spawn costs many seconds on 2 cores)."""
+    out = tmp_path_factory.mktemp("layouts")
+    args = {"layouts": ",".join(OPTIMIZERS), "checkpoint": ",".join(CHECKPOINTED)}
+    return run("layouts,edge_cases,disagree,checkpoint", out, args), out
+
+
+@pytest.fixture(scope="module")
+def layouts(spawned: tuple[list[dict], Path]) -> list[dict]:
+    return [r["layouts"] for r in spawned[0]]
+
+
+@pytest.fixture(scope="module")
+def edge_cases(spawned: tuple[list[dict], Path]) -> list[dict]:
+    return [r["edge_cases"] for r in spawned[0]]
+
+
+@pytest.fixture(scope="module")
+def disagree(spawned: tuple[list[dict], Path]) -> list[dict]:
+    return [r["disagree"] for r in spawned[0]]
+
+
+@pytest.fixture(scope="module")
+def checkpointed(spawned: tuple[list[dict], Path]) -> Path:
+    return spawned[1]
 
 
 @pytest.mark.parametrize("layout", list(W.LAYOUTS))
@@ -72,11 +98,6 @@ def test_layout_matches_single_process_and_splits_work(
     else:
         # The expert stack (4 experts sharded 1 per rank) is processed where it lies.
         assert min(done) >= 1, done
-
-
-@pytest.fixture(scope="module")
-def edge_cases(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return run("edge_cases", tmp_path_factory.mktemp("edge_cases"))
 
 
 def test_gradient_missing_on_one_rank_updates_everywhere(edge_cases: list[dict]) -> None:
@@ -108,11 +129,6 @@ def test_unservable_placements_are_refused_at_construction(edge_cases: list[dict
         assert "not on the optimizer's device_mesh" in r["refused_mesh"]
 
 
-@pytest.fixture(scope="module")
-def disagree(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return run("disagree", tmp_path_factory.mktemp("disagree"))
-
-
 def test_ranks_with_different_placements_raise_on_every_rank(disagree: list[dict]) -> None:
     for r in disagree:
         assert "ranks disagree on the parameters of Muon" in r["disagree"], r["disagree"]
@@ -122,16 +138,6 @@ def test_ranks_with_different_placements_raise_on_every_rank(disagree: list[dict
 def test_nan_on_one_rank_of_a_2d_mesh_stops_every_rank(disagree: list[dict]) -> None:
     for r in disagree:
         assert "parameter 'qkv'" in r["nan"] and "NaN" in r["nan"], r["nan"]
-
-
-CHECKPOINTED = ["Muon", "ROOT", "AuON-hybrid", "SPECTRA"]
-
-
-@pytest.fixture(scope="module")
-def checkpointed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("checkpoint")
-    run("checkpoint", out, ",".join(CHECKPOINTED))
-    return out
 
 
 @pytest.mark.parametrize("name", CHECKPOINTED)
