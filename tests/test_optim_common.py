@@ -221,3 +221,109 @@ def test_skip_nonfinite_skips_only_that_parameter_and_counts(info: OptimizerInfo
     assert opt.state[params[2]]["nonfinite_skips"] == 1
     assert not torch.equal(params[0], before[0])
     assert all(torch.isfinite(p).all() for p in params)
+
+
+# ----------------------------------------------------------------- values, not only "no raise"
+def _orthogonal_params(opt) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups if g["algorithm"] != "adamw" for p in g["params"]]
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_each_group_steps_with_its_own_lr(info: OptimizerInfo) -> None:
+    """Regression: replacing ``group["lr"]`` by the optimizer's default lr in the orthogonalized
+    update passed every test. A group at lr = 0 must not move (weight decay is lr-scaled too),
+    while the optimizer's default lr is not 0; and the step of a group at 2x lr is 2x as large
+    (from the same state, the first step of these optimizers is linear in lr)."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    twin = copy.deepcopy(model)
+    frozen_group = make(info, model)
+    for group in frozen_group.param_groups:
+        if group["algorithm"] != "adamw":
+            group["lr"] = 0.0
+    before = [p.detach().clone() for p in _orthogonal_params(frozen_group)]
+    train(model, frozen_group, steps=2)
+    for p, b in zip(_orthogonal_params(frozen_group), before, strict=True):
+        assert torch.equal(p.detach(), b)
+    # Twice the lr, no weight decay: twice the step.
+    base = info.kwargs.get("lr", frozen_group.defaults["lr"])
+    deltas = []
+    for scale in (1.0, 2.0):
+        m = copy.deepcopy(twin)
+        opt = make(info, m, weight_decay=0.0)
+        for group in opt.param_groups:
+            if group["algorithm"] != "adamw":
+                group["lr"] = base * scale
+        start = [p.detach().clone() for p in _orthogonal_params(opt)]
+        train(m, opt, steps=1)
+        deltas.append([p.detach() - s for p, s in zip(_orthogonal_params(opt), start, strict=True)])
+    for d1, d2 in zip(*deltas, strict=True):
+        torch.testing.assert_close(d2, 2 * d1, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_scheduler_lr_reaches_the_update(info: OptimizerInfo) -> None:
+    """A LambdaLR that sets the lr to 0 from the second step on must stop every group."""
+    model = small_cnn()
+    opt = make(info, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if step == 0 else 0.0)
+    train(model, opt, steps=1)
+    sched.step()
+    assert all(g["lr"] == 0.0 for g in opt.param_groups)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, steps=2, start=1)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
+
+
+def test_update_rules_are_really_used() -> None:
+    """Regression: forcing every group to the spectral rule passed the rule conformance test.
+    One step from zero state is p0 - lr * rule(M_1) exactly, for every registered rule."""
+    from orthotorch import distributed
+    from orthotorch.functional import available_update_rules, get_update_rule
+
+    torch.manual_seed(0)
+    grad = torch.randn(24, 40)
+    results = {}
+    for rule in available_update_rules():
+        p = nn.Parameter(torch.zeros(24, 40))
+        opt = orthotorch.Muon([{"params": [p], "update": rule}], lr=1.0, weight_decay=0.0)
+        p.grad = grad.clone()
+        opt.step()
+        momentum = opt.state[p]["momentum_buffer"]
+        mu = opt.param_groups[0]["momentum"]
+        kernel, dtype = get_update_rule(rule).prepare(opt.param_groups[0])
+        (expected,) = distributed.map_matrices(
+            [torch.lerp(grad, momentum, mu)],
+            kernel,
+            dtype,
+            "off",
+            scale=lambda shape, opt=opt: opt._scale(opt.param_groups[0], shape),
+        )
+        torch.testing.assert_close(p.detach(), -expected.float(), rtol=1e-5, atol=1e-6)
+        results[rule] = p.detach()
+    names = list(results)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not torch.allclose(results[a], results[b], atol=1e-3), (a, b)
+
+
+@pytest.mark.parametrize("saver", OPTIMIZERS, ids=ids)
+def test_another_optimizers_checkpoint_is_refused_on_load(saver: OptimizerInfo) -> None:
+    """Regression: Muon's state loaded into ROOT/ARO/AuON was accepted, then every step raised a
+    bare KeyError and the optimizer stayed broken. Every pair is refused at load, naming both
+    algorithms, and the loading optimizer is left as it was."""
+    model = small_cnn()
+    train(model, make(saver, model), steps=1)
+    saved = make(saver, model)
+    train(model, saved, steps=1)
+    checkpoint = saved.state_dict()
+    for loader in OPTIMIZERS:
+        target = make(loader, model)
+        if target.algorithm == saved.algorithm:
+            continue
+        before = copy.deepcopy(target.state_dict())
+        with pytest.raises(ValueError, match=rf"saved with algorithm '{saved.algorithm}'"):
+            target.load_state_dict(checkpoint)
+        assert target.state_dict() == before
+        train(model, target, steps=1)  # and it still works

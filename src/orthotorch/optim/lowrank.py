@@ -332,6 +332,7 @@ class _LowRankAdamW(OrthogonalOptimizer):
           would turn the int32 DCT indices into floats (and round them in bf16); they are
           restored exactly.
         """
+        self._check_loadable(state_dict)  # another optimizer's checkpoint, other layouts
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         id_to_param = {}
