@@ -375,3 +375,18 @@ def test_a_model_with_every_layout_trains() -> None:
         loss.backward()
         opt.step()
     assert loss.item() < 0.8 * first
+
+
+def test_describe_of_optimizers_that_are_not_orthotorchs() -> None:
+    """Regression: describe(torch.optim.AdamW(...)) listed every norm and bias as orthogonalized
+    with a shape scale; SPECTRA(AdamW) showed no clipping."""
+    model = TinyLM(False)
+    table = orthotorch.describe(torch.optim.AdamW(model.parameters()))
+    rows = [line.split() for line in table.splitlines()]
+    assert all(r[2:4] == ["AdamW", "AdamW"] and r[4:6] == ["-", "-"] for r in rows[2:])
+    wrapped = orthotorch.SPECTRA(torch.optim.AdamW(orthotorch.param_groups(model)), clip=4.0)
+    table = [line.split() for line in orthotorch.describe(wrapped).splitlines()]
+    assert table[0][-1] == "clip"
+    by_name = {r[0]: r for r in table[2:]}
+    assert by_name["block.1.weight"][-1] == "4" and by_name["block.1.bias"][-1] == "-"
+    assert by_name["block.1.weight"][2] == "AdamW"
