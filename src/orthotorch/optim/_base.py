@@ -107,6 +107,10 @@ class OrthogonalOptimizer(Optimizer):
     # ``param_groups(policy="symmetry")``); optimizers with their own direction must refuse
     # one rather than silently ignore it.
     accepts_update_rules: ClassVar[bool] = False
+    # Whether the optimizer keeps state per matrix (ARO's rotation, a low-rank subspace, Dion's
+    # Q) rather than per entry: then each matrix of a non-flatten layout (an expert, a q/k/v
+    # block) runs the hooks as a parameter of its own, with its own state.
+    block_state: ClassVar[bool] = False
     # Whether the whole-matrix work goes through distributed.map_matrices alone, which serves
     # DTensors on any 1-D/2-D mesh; optimizers with row-sharded state of their own (ARO, the
     # low-rank ones) support only FSDP2's Shard(0) on a 1-D mesh.
@@ -202,9 +206,7 @@ class OrthogonalOptimizer(Optimizer):
                 )
             # Checked here, not at the first step: a layout the sharded paths cannot handle
             # would otherwise surface as a hang or a shape error inside a collective.
-            reason = distributed.unsupported_layout(
-                p, self.mesh_layouts, self.distributed.mesh
-            )
+            reason = distributed.unsupported_layout(p, self.mesh_layouts, self.distributed.mesh)
             if reason is not None:
                 raise ValueError(f"{label}: parameter {self._param_label(group, i)}: {reason}")
         self._validate_layouts(group, label)
@@ -236,6 +238,15 @@ class OrthogonalOptimizer(Optimizer):
                 canonical.append(check_layout(spec, tuple(p.shape), name))
             except ValueError as err:
                 raise ValueError(f"{label}: {err}") from None
+        if self.block_state:
+            for i, (p, c) in enumerate(zip(params, canonical, strict=True)):
+                if c != "flatten" and distributed.is_dtensor(p):
+                    raise ValueError(
+                        f"{label}: parameter {self._param_label(group, i)} is a DTensor with "
+                        f"matrix layout {c!r}; {type(self).__name__} keeps per-matrix state and "
+                        "supports only 'flatten' for sharded parameters (use Muon/ROOT/NorMuon, "
+                        "or param_groups(model, layout={pattern: 'flatten'}))"
+                    )
         unsupported = sorted({c for c in canonical if not self._supports_layout(parse_layout(c))})
         if unsupported:
             raise ValueError(
@@ -247,8 +258,8 @@ class OrthogonalOptimizer(Optimizer):
         group["layouts"] = canonical
 
     def _supports_layout(self, layout: MatrixLayout) -> bool:
-        """Whether this optimizer's direction honours ``layout`` (subclasses with per-matrix
-        state of their own narrow this)."""
+        """Whether this optimizer's direction honours ``layout`` (a subclass that cannot serve
+        some layouts narrows this)."""
         return True
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
@@ -425,16 +436,66 @@ class OrthogonalOptimizer(Optimizer):
     def _orthogonal_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     ) -> None:
-        states = [self.state[p] for p in params]
-        self._init_state(group, params, states)
-        momenta = self._momentum(group, grads, states)
-        directions = self._direction(group, momenta, states, self._layouts_of(group, params))
+        layouts = self._layouts_of(group, params)
+        if self.block_state and not all(layout.is_flatten for layout in layouts):
+            directions = self._blockwise_directions(group, params, grads, layouts)
+        else:
+            states = [self.state[p] for p in params]
+            self._init_state(group, params, states)
+            momenta = self._momentum(group, grads, states)
+            directions = self._direction(group, momenta, states, layouts)
         apply_updates_(
             [distributed.local(p) for p in params],
             directions,
             lr=group["lr"],
             weight_decay=group["weight_decay"],
         )
+
+    def _blockwise_directions(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        layouts: list[MatrixLayout],
+    ) -> list[Tensor]:
+        """The hooks run on every matrix of a non-``flatten`` layout as a parameter of its own.
+
+        For optimizers whose state is per matrix (:attr:`block_state`: ARO's rotation, a
+        low-rank subspace, Dion's ``Q``): each expert / q-k-v block keeps its own state dict in
+        ``state[p]["blocks"]``, so it gets its own rotation or subspace; ``flatten`` parameters
+        keep their state as before. (Non-flatten layouts of ``DTensor`` parameters are refused
+        at construction for these optimizers.)
+        """
+        block_params, block_grads, block_states, counts = [], [], [], []
+        for p, g, layout in zip(params, grads, layouts, strict=True):
+            if layout.is_flatten:
+                block_params.append(p)
+                block_grads.append(g)
+                block_states.append(self.state[p])
+                counts.append(0)
+                continue
+            views = layout.matrices(p.detach())
+            state = self.state[p].setdefault("blocks", [{} for _ in views])
+            block_params += views
+            block_grads += [v.contiguous() for v in layout.matrices(g)]
+            block_states += state
+            counts.append(len(views))
+        self._init_state(group, block_params, block_states)
+        momenta = self._momentum(group, block_grads, block_states)
+        flat = [parse_layout(None)] * len(block_params)
+        block_directions = self._direction(group, momenta, block_states, flat)
+        directions, position = [], 0
+        for p, layout, count in zip(params, layouts, counts, strict=True):
+            if count == 0:
+                directions.append(block_directions[position])
+                position += 1
+                continue
+            out = torch.empty(p.shape, dtype=block_directions[position].dtype, device=p.device)
+            for view, d in zip(layout.matrices(out), block_directions[position : position + count]):
+                view.copy_(d)
+            directions.append(out)
+            position += count
+        return directions
 
     @staticmethod
     def _layouts_of(group: dict[str, Any], params: list[Tensor]) -> list[MatrixLayout]:

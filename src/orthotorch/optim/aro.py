@@ -87,6 +87,7 @@ class ARO(OrthogonalOptimizer):
     algorithm = "aro"
     # The rotation is row-sharded state packed beside the momentum: FSDP2's 1-D Shard(0) only.
     mesh_layouts = False
+    block_state = True  # a rotation per matrix: each expert / q-k-v block has its own
 
     def __init__(
         self,
@@ -161,11 +162,6 @@ class ARO(OrthogonalOptimizer):
         bufs = [s["momentum_buffer"] for s in states]
         torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
         return bufs
-
-    def _supports_layout(self, layout: MatrixLayout) -> bool:
-        # The rotation is state of the flattened weight's rows; per-block rotations (experts,
-        # fused projections) are not implemented.
-        return layout.is_flatten
 
     def _direction(
         self,

@@ -89,6 +89,7 @@ class _LowRankAdamW(OrthogonalOptimizer):
     finder: ClassVar[SubspaceFinder]
     # Row-sharded moments and projections of their own: FSDP2's 1-D Shard(0) only.
     mesh_layouts = False
+    block_state = True  # a subspace per matrix: each expert / q-k-v block has its own
 
     def __init__(
         self,
@@ -132,15 +133,17 @@ class _LowRankAdamW(OrthogonalOptimizer):
                 resolve_compute(group["ns_method"], group["ns_steps"], group["ns_dtype"])
             except ValueError as err:
                 raise ValueError(f"{label}: {err}") from None
+        layouts = self._layouts_of(group, list(group["params"]))
         for i, p in enumerate(group["params"]):
-            shape = matrix_shape(p.shape)
-            try:
-                resolve_rank(group["rank"], shape)
-            except ValueError as err:
-                raise ValueError(
-                    f"{label}: parameter {self._param_label(group, i)} of shape "
-                    f"{tuple(p.shape)} (a {shape[0]}x{shape[1]} matrix): {err}"
-                ) from None
+            # Each matrix of the layout (an expert, a q/k/v block) has a subspace of its own.
+            for shape in dict.fromkeys(layouts[i].block_shapes(tuple(p.shape))):
+                try:
+                    resolve_rank(group["rank"], shape)
+                except ValueError as err:
+                    raise ValueError(
+                        f"{label}: parameter {self._param_label(group, i)} of shape "
+                        f"{tuple(p.shape)} (a {shape[0]}x{shape[1]} matrix): {err}"
+                    ) from None
 
     # ------------------------------------------------------------------ hooks
     def _init_state(
@@ -271,12 +274,6 @@ class _LowRankAdamW(OrthogonalOptimizer):
         )
         return _Projected(directions, projectors, shapes, sharded, local_shapes)
 
-    def _supports_layout(self, layout: MatrixLayout) -> bool:
-        # The subspace (DCT columns, SVD basis) and the projected moments are state of the
-        # flattened weight; per-block subspaces (experts, fused projections) are not
-        # implemented.
-        return layout.is_flatten
-
     def _direction(
         self,
         group: dict[str, Any],
@@ -347,18 +344,39 @@ class _LowRankAdamW(OrthogonalOptimizer):
         key = self.finder.state_key
         for pid, p in id_to_param.items():
             saved = saved_state.get(pid, {})
-            if key in saved and not saved[key].is_floating_point():
-                self.state[p][key] = saved[key].to(device=p.device, dtype=torch.int32, copy=True)
+            # Blocks of a non-flatten layout (experts, q/k/v) keep their indices in "blocks".
+            pairs = [(saved, self.state[p])]
+            pairs += zip(saved.get("blocks", ()), self.state[p].get("blocks", ()))
+            for source, target in pairs:
+                if key in source and not source[key].is_floating_point():
+                    target[key] = source[key].to(device=p.device, dtype=torch.int32, copy=True)
 
     def _check_saved_ranks(
         self, group: dict[str, Any], index: int, saved_ids: list[Any], saved_state: dict
     ) -> None:
+        layouts = self._layouts_of(group, list(group["params"]))
         for i, (pid, p) in enumerate(zip(saved_ids, group["params"], strict=True)):
             state = saved_state.get(pid, {})
-            moment = state.get("exp_avg", state.get("momentum_buffer"))
-            if moment is None:
-                continue
-            expected = lowrank_shape(p.shape, resolve_rank(group["rank"], matrix_shape(p.shape)))
+            if layouts[i].is_flatten:
+                entries = [(state, matrix_shape(p.shape))]
+            else:
+                blocks = layouts[i].block_shapes(tuple(p.shape))
+                entries = list(zip(state.get("blocks", ()), blocks))
+            for block_state, shape in entries:
+                self._check_saved_rank(group, index, i, p, block_state, shape)
+
+    def _check_saved_rank(
+        self,
+        group: dict[str, Any],
+        index: int,
+        i: int,
+        p: Tensor,
+        state: dict[str, Any],
+        shape: tuple[int, int],
+    ) -> None:
+        moment = state.get("exp_avg", state.get("momentum_buffer"))
+        if moment is not None:
+            expected = lowrank_shape(shape, resolve_rank(group["rank"], shape))
             if tuple(moment.shape) != expected:
                 raise ValueError(
                     f"{self._group_label(group, index)}: the saved state of parameter "
