@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._registry import Registry
 from ..linalg import resolve_compute
 
 Kernel = Callable[[Tensor, bool], Tensor]
@@ -37,29 +38,22 @@ class UpdateRule:
     description: str
 
 
-_RULES: dict[str, UpdateRule] = {}
+_RULES: Registry[UpdateRule] = Registry("update rule", "rules")
 
 
 def register_update_rule(rule: UpdateRule, *, overwrite: bool = False) -> None:
     """Add ``rule`` under ``rule.name``."""
-    if rule.name in _RULES and not overwrite:
-        raise ValueError(f"update rule {rule.name!r} is already registered; pass overwrite=True")
-    _RULES[rule.name] = rule
+    _RULES.register(rule.name, rule, overwrite=overwrite)
 
 
 def available_update_rules() -> list[str]:
     """Names of every registered update rule."""
-    return list(_RULES)
+    return _RULES.names()
 
 
 def get_update_rule(name: str) -> UpdateRule:
     """Look a rule up, with an error that lists the valid names."""
-    try:
-        return _RULES[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown update rule {name!r}; valid rules: {', '.join(_RULES)}"
-        ) from None
+    return _RULES.get(name)
 
 
 def _prepare_spectral(group: Mapping[str, Any]) -> tuple[Kernel, torch.dtype]:
