@@ -453,7 +453,9 @@ def map_matrices(
         return _map_mesh(updates, layouts, kernel, compute_dtype, scale, topology)
     found = _replicated(topology)
     world, group = (None, None) if found is None else (found[:2], found[2])
-    return _map_plain(updates, layouts, kernel, compute_dtype, scale, world, group)[0]
+    return _map_plain(
+        updates, layouts, kernel, compute_dtype, scale, world, group, overlap=topology.overlap
+    )[0]
 
 
 def _map_plain(
@@ -465,6 +467,7 @@ def _map_plain(
     world: tuple[int, int] | None,
     group: Any = None,
     counter: int = 0,
+    overlap: bool = False,
 ) -> tuple[list[Tensor], int]:
     """Plain (or local) tensors: every matrix locally, or round-robin owners + all_gather."""
     matrices = layout_matrices(updates, layouts)
@@ -474,7 +477,9 @@ def _map_plain(
             b.X = kernel(b.X, b.transposed)
             STATS.matrices_processed += len(b.index)
     else:
-        buckets, counter = _map_replicated(matrices, kernel, compute_dtype, *world, group, counter)
+        buckets, counter = _map_replicated(
+            matrices, kernel, compute_dtype, *world, group, counter, overlap
+        )
     results: list[Tensor] = [None] * len(matrices)  # type: ignore[list-item]
     for b in buckets:
         factor = 1.0 if scale is None else scale(b.shape)
@@ -629,6 +634,7 @@ def _map_mesh(
             scale,
             world,
             group,
+            overlap=topology.overlap,
         )
         for i, d in zip(plain, directions, strict=True):
             results[i] = d
@@ -661,6 +667,7 @@ def _map_mesh(
                 world,
                 replica.group,
                 counters[mesh],
+                topology.overlap,
             )
             for i, d in zip(whole, directions, strict=True):
                 results[i] = d
@@ -859,8 +866,10 @@ def _map_replicated(
     world: int,
     group: Any = None,
     counter: int = 0,
+    overlap: bool = False,
 ) -> tuple[list[Bucket], int]:
-    buckets = []
+    # With overlap, each shape's all_gather runs while the next shape is orthogonalized.
+    gathers = []
     for shape, index in _positions([matrix_shape(u.shape) for u in updates]).items():
         wide = (min(shape), max(shape))
         owners = [(counter + i) % world for i in range(len(index))]
@@ -875,8 +884,15 @@ def _map_replicated(
             send[: len(mine)] = kernel(send[: len(mine)], shape[0] > shape[1])
         STATS.matrices_processed += len(mine)
         received = torch.empty((world * per_rank, *wide), dtype=compute_dtype, device=device)
-        _all_gather_single(received, send, group)
-        X = torch.empty((len(index), *wide), dtype=compute_dtype, device=device)
+        work = _all_gather_single(received, send, group, async_op=overlap)
+        gathers.append((shape, index, owners, per_rank, received, work))
+    buckets = []
+    for shape, index, owners, per_rank, received, work in gathers:
+        if work is not None:
+            work.wait()
+        X = torch.empty(
+            (len(index), *received.shape[1:]), dtype=received.dtype, device=received.device
+        )
         slot = [0] * world
         for i, owner in enumerate(owners):
             X[i] = received[owner * per_rank + slot[owner]]
@@ -885,12 +901,15 @@ def _map_replicated(
     return buckets, counter
 
 
-def _all_gather_single(output: Tensor, input: Tensor, group: Any = None) -> None:
+def _all_gather_single(
+    output: Tensor, input: Tensor, group: Any = None, async_op: bool = False
+) -> Any:
     # Renamed in recent torch; the old name still works there but warns.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(output, input, group=group)
+    work = gather(output, input, group=group, async_op=async_op)
     STATS.collectives += 1
     STATS.bytes_sent += input.numel() * input.element_size() * (dist.get_world_size(group) - 1)
+    return work
 
 
 def _row_chunks(rows: int, world: int) -> list[int]:
