@@ -1,0 +1,185 @@
+"""Run every CUDA code path against the CPU result, and time the optimizers vs torch.optim.Muon.
+
+Kernels: Newton–Schulz under each dispatch plan (batched = the accelerator default, looped,
+chunked, float32 compute, ``torch.compile``-d) for every registered Newton–Schulz method, in bf16
+and float32, against the float64 CPU iteration. Optimizers: one step of each from identical
+parameters and gradients on CPU and CUDA (the AdamW groups run the foreach AdamW, the low-rank
+optimizers their DCT/SVD kernels, ARO its rotation kernel), compared entry-wise relative to the
+update size. Then step times on CUDA as ratios to torch.optim.Muon (median and min, interleaved).
+
+Exits with status 0 and a message when CUDA is absent (the test suite never needs a GPU).
+
+    python benchmarks/gpu_check.py [--quick] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import orthotorch
+from orthotorch.bench.reference import reference_named_parameters, set_random_gradients
+from orthotorch.linalg import available_methods, dispatch, get_method, iterate_scalar
+
+FAILURES: list[str] = []
+
+
+def report(name: str, error: float, tolerance: float) -> None:
+    ok = error <= tolerance
+    if not ok:
+        FAILURES.append(name)
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {error:.2e} (tolerance {tolerance:.0e})")
+
+
+def exact_iteration(G: torch.Tensor, method: str) -> torch.Tensor:
+    spec = get_method(method)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    x = S / (torch.linalg.matrix_norm(G).unsqueeze(-1) * spec.norm_scale)
+    y = iterate_scalar(x, spec.schedule(G.shape[-2], G.shape[-1], spec.default_steps))
+    return (U * y.unsqueeze(-2)) @ Vh
+
+
+def check_kernels(quick: bool) -> None:
+    count, m, n = (4, 64, 128) if quick else (8, 512, 1024)
+    G = torch.randn(count, m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plans = [("batched", 1, "input"), ("looped", 1, "input"), ("chunked", 2, "input")]
+    plans += [("batched", 1, "float32")]
+    for method in available_methods():
+        spec = get_method(method)
+        if spec.schedule is None or method == "aol":  # aol: compared with its CPU result below
+            continue
+        exact = exact_iteration(G, method)
+        for plan in plans:
+            for dtype, tol in ((torch.bfloat16, 5e-2), (torch.float32, 1e-3)):
+                with dispatch.forced(*plan):
+                    out = orthotorch.linalg.orthogonalize(G.cuda().to(dtype), method, dtype=dtype)
+                err = (out.double().cpu() - exact).abs().max().item()
+                report(f"ns {method} {plan[0]}/{plan[2]} {str(dtype)[6:]}", err, tol)
+    cpu = orthotorch.linalg.orthogonalize(G.float(), "aol", dtype=torch.float32)
+    for plan in plans:
+        with dispatch.forced(*plan):
+            out = orthotorch.linalg.orthogonalize(G.float().cuda(), "aol", dtype=torch.float32)
+        report(f"ns aol {plan[0]}/{plan[2]} vs CPU", (out.cpu() - cpu).abs().max().item(), 1e-3)
+    # Compiled: measured with compile candidates; then forced, against eager on the same device.
+    X = G.cuda().bfloat16()
+    start = time.perf_counter()
+    with dispatch.measuring(compile=True):
+        orthotorch.linalg.orthogonalize(X, "polar_express")
+    for row in dispatch.last_measured():
+        print(
+            f"     tuned {row['kernel']} {row['count']}x{row['rows']}x{row['cols']}: "
+            f"{row['plan']} {row['ms']:.2f} ms (default {row['default_ms']:.2f} ms), "
+            f"compile {row['compile_s']:.1f} s, tune total {time.perf_counter() - start:.1f} s"
+        )
+    with dispatch.forced("batched", compiled=True):
+        compiled = orthotorch.linalg.orthogonalize(X, "polar_express")
+    with dispatch.forced("batched"):
+        eager = orthotorch.linalg.orthogonalize(X, "polar_express")
+    report("ns compiled vs eager (bf16)", (compiled - eager).abs().max().item(), 5e-2)
+
+
+OPTIMIZERS = {
+    "torch.optim.Muon": None,
+    "orthotorch.Muon[polar_express]": lambda g: orthotorch.Muon(g, lr=0.02, adamw_lr=3e-3),
+    "orthotorch.Muon[aol]": lambda g: orthotorch.Muon(g, lr=0.02, adamw_lr=3e-3, ns_method="aol"),
+    "orthotorch.Muon[float32]": lambda g: orthotorch.Muon(
+        g, lr=0.02, adamw_lr=3e-3, ns_dtype=torch.float32
+    ),
+    "orthotorch.ROOT": lambda g: orthotorch.ROOT(g, lr=0.02, adamw_lr=3e-3),
+    "orthotorch.AuON[hybrid]": lambda g: orthotorch.AuON(g, lr=0.1, adamw_lr=3e-3, hybrid=True),
+    "orthotorch.ARO": lambda g: orthotorch.ARO(g, lr=0.02, adamw_lr=3e-3),
+    "orthotorch.DCTAdamW": lambda g: orthotorch.DCTAdamW(g, lr=1e-3, adamw_lr=3e-3),
+    "orthotorch.GaLoreAdamW": lambda g: orthotorch.GaLoreAdamW(g, lr=1e-3, adamw_lr=3e-3),
+}
+
+
+class TorchMuon:
+    def __init__(self, hidden, adamw):
+        self.muon = torch.optim.Muon(hidden, lr=0.02)
+        self.adamw = torch.optim.AdamW(adamw, lr=3e-3, betas=(0.9, 0.95))
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+
+def build(name: str, device: str, quick: bool):
+    hidden, adamw = reference_named_parameters(0, "cpu")
+    if quick:
+        hidden, adamw = (
+            [
+                (k, nn.Parameter(p.detach()[tuple(slice(0, s // 8) for s in p.shape)].clone()))
+                for k, p in named
+            ]
+            for named in (hidden, adamw)
+        )
+    hidden = [nn.Parameter(p.detach().to(device)) for _, p in hidden]
+    adamw = [nn.Parameter(p.detach().to(device)) for _, p in adamw]
+    if name == "torch.optim.Muon":
+        return TorchMuon(hidden, adamw), hidden + adamw
+    groups = [{"params": hidden}, {"params": adamw, "algorithm": "adamw"}]
+    return OPTIMIZERS[name](groups), hidden + adamw
+
+
+def check_optimizers(quick: bool, repeats: int) -> None:
+    built = {}
+    for name in OPTIMIZERS:
+        cpu_opt, cpu_params = build(name, "cpu", quick)
+        gpu_opt, gpu_params = build(name, "cuda", quick)
+        before = [p.detach().clone() for p in cpu_params]
+        for step in range(2):
+            set_random_gradients(cpu_params, seed=step)
+            set_random_gradients(gpu_params, seed=step)
+            cpu_opt.step()
+            gpu_opt.step()
+        worst = 0.0
+        for b, c, g in zip(before, cpu_params, gpu_params):
+            update = (c.detach() - b).norm().item() or 1.0
+            worst = max(worst, (g.detach().cpu() - c.detach()).norm().item() / update)
+        report(f"step {name} CUDA vs CPU (relative to the update)", worst, 5e-2)
+        built[name] = (gpu_opt, gpu_params)
+    times: dict[str, list[float]] = {n: [] for n in built}
+    for r in range(3 + repeats):
+        for name, (opt, params) in built.items():
+            set_random_gradients(params, seed=r)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            opt.step()
+            torch.cuda.synchronize()
+            if r >= 3:
+                times[name].append(time.perf_counter() - t0)
+    ref_med = statistics.median(times["torch.optim.Muon"])
+    ref_min = min(times["torch.optim.Muon"])
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {repeats} rounds")
+    print("| optimizer | step ms (median) | ratio to torch.optim.Muon (median / min) |")
+    print("|---|---|---|")
+    for name, ts in times.items():
+        med, low = statistics.median(ts), min(ts)
+        print(f"| {name} | {med * 1e3:.2f} | {med / ref_med:.2f}x / {low / ref_min:.2f}x |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, few rounds")
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check: CUDA is not available on this machine; nothing to check.")
+        return 0
+    repeats = 3 if args.quick else args.repeats
+    check_kernels(args.quick)
+    check_optimizers(args.quick, repeats)
+    if FAILURES:
+        print(f"\n{len(FAILURES)} check(s) failed: {', '.join(FAILURES)}")
+        return 1
+    print("\nall CUDA paths agree with the CPU")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

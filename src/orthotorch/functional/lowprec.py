@@ -1,0 +1,97 @@
+"""Low-precision optimizer state: bf16 momentum with stochastic rounding.
+
+A bf16 momentum buffer halves the optimizer's state, but rounding to nearest loses every update
+smaller than half a bf16 ulp of the buffer (``2^-9`` relative): with ``B <- mu B + (1 - mu) G``
+and ``mu = 0.95``, a gradient that changes slowly changes ``B`` by less than that every step, and
+the buffer freezes. Two known remedies:
+
+- error feedback (a second buffer holding what rounding dropped, added back next step): exact
+  in the long run, but the second buffer brings the state back to float32's size;
+- **stochastic rounding** (used here): round up with probability equal to the dropped fraction,
+  so the stored value is unbiased, ``E[round(x)] = x``, and small updates survive on average.
+  No extra memory.
+
+The update is computed in float32 (``B32 = lerp(float(B), G, 1 - mu)``), the step uses the
+float32 momentum, and only the stored buffer is rounded. Rounding: add 16 random bits to the
+float32 bit pattern and clear the low 16 bits (bf16 is float32's upper half, so the result is an
+exact bf16). The random bits come from a generator seeded by ``(seed, step)`` per tensor, so a
+run resumed from a ``state_dict`` (which holds the step) rounds exactly as the original run:
+bitwise resume.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LOW_PRECISION_DTYPES",
+    "lowprec_momentum_",
+    "rounding_seed",
+    "stochastic_round_",
+]
+
+LOW_PRECISION_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16,)
+
+_LOW_BITS = 0xFFFF
+
+
+def rounding_seed(step: int, index: int) -> int:
+    """A generator seed per (step, tensor): distinct streams, reproducible from the state."""
+    return (step * 1_000_003 + index * 7_919 + 0x5EED) % (2**63 - 1)
+
+
+def stochastic_round_(out: Tensor, x: Tensor, generator: torch.Generator) -> Tensor:
+    """Write ``x`` (float32) rounded stochastically to ``out`` (bfloat16); return ``out``.
+
+    Unbiased: each value rounds to the next bf16 away from zero with probability equal to the
+    fraction of the bf16 ulp it lies beyond the one towards zero (float32 is sign-magnitude, so
+    adding to the bit pattern moves away from zero for both signs). Values that round beyond the
+    largest finite bf16 become ``inf``, as rounding to nearest would; NaN stays NaN.
+    """
+    if x.dtype != torch.float32:
+        raise ValueError(f"x must be float32, got {x.dtype}")
+    if out.dtype != torch.bfloat16:
+        raise ValueError(f"out must be bfloat16, got {out.dtype}")
+    if out.shape != x.shape:
+        raise ValueError(f"out shape {tuple(out.shape)} differs from x shape {tuple(x.shape)}")
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(
+        0, _LOW_BITS + 1, x.shape, dtype=torch.int32, device=x.device, generator=generator
+    )
+    finite = torch.isfinite(x)
+    rounded = ((bits + noise) & ~_LOW_BITS).view(torch.float32)
+    # inf/NaN keep their bit pattern (adding noise could turn inf into NaN).
+    out.copy_(torch.where(finite, rounded, x))
+    return out
+
+
+def lowprec_momentum_(
+    grads: list[Tensor],
+    bufs: list[Tensor],
+    momentum: float,
+    nesterov: bool,
+    seeds: list[int],
+) -> list[Tensor]:
+    """Momentum with bf16 buffers: ``B <- SR(lerp(B, G, 1 - mu))``; returns the step's momentum.
+
+    As :func:`~orthotorch.functional.nesterov_momentum_` but the buffers are bfloat16 and the
+    arithmetic float32: the returned momentum (Nesterov ``lerp(G, B32, mu)`` or ``B32``) is the
+    float32 value before rounding, in the gradients' dtype. ``seeds`` (one per buffer, e.g. from
+    :func:`rounding_seed`) make the rounding reproducible.
+    """
+    if not (len(grads) == len(bufs) == len(seeds)):
+        raise ValueError(
+            f"grads, bufs and seeds must have equal lengths, got {len(grads)}, {len(bufs)}, "
+            f"{len(seeds)}"
+        )
+    out = []
+    for g, b, seed in zip(grads, bufs, seeds, strict=True):
+        g32 = g.float()
+        m32 = b.float().lerp_(g32, 1 - momentum)
+        generator = torch.Generator(device=b.device).manual_seed(seed)
+        stochastic_round_(b, m32, generator)
+        # Out of place: g32 is the gradient itself when it is float32 already.
+        step = torch.lerp(g32, m32, momentum) if nesterov else m32
+        out.append(step.to(g.dtype))
+    return out

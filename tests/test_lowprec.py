@@ -1,0 +1,76 @@
+"""functional.lowprec: stochastic rounding to bf16 and the bf16-momentum update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orthotorch.functional.lowprec import lowprec_momentum_, rounding_seed, stochastic_round_
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours() -> None:
+    x = torch.full((200_000,), 1.0 + 2**-9, dtype=torch.float32)  # a quarter of a bf16 ulp at 1
+    x[100_000:] *= -3
+    out = stochastic_round_(
+        torch.empty_like(x, dtype=torch.bfloat16), x, torch.Generator().manual_seed(0)
+    )
+    pos, neg = out[:100_000].float(), out[100_000:].float()
+    assert set(pos.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert abs(pos.mean().item() - x[0].item()) < 2e-4
+    assert abs(neg.mean().item() - x[-1].item()) < 6e-4
+    # Nearest rounding would lose the quarter ulp entirely.
+    assert x[:1].bfloat16().item() == 1.0
+
+
+def test_exact_and_special_values_are_kept() -> None:
+    x = torch.tensor([0.0, -0.0, 1.0, -2.5, 3.0e38, float("inf"), float("-inf"), float("nan")])
+    out = stochastic_round_(
+        torch.empty(8, dtype=torch.bfloat16), x, torch.Generator().manual_seed(1)
+    )
+    assert torch.equal(out[:4].float(), x[:4])
+    assert out[5] == float("inf") and out[6] == float("-inf") and out[7].isnan()
+
+
+def test_small_momentum_updates_survive_in_bf16() -> None:
+    """The failure stochastic rounding prevents: with nearest rounding a bf16 buffer at 1.0 fed
+    1.001 never moves ((1 - mu) * 0.001 is below half an ulp); with SR its mean tracks float32."""
+    g = torch.full((4096,), 1.001)
+    buf_sr = torch.ones(4096, dtype=torch.bfloat16)
+    buf_rn = torch.ones(4096, dtype=torch.bfloat16)
+    ref = torch.ones(4096)
+    for step in range(300):
+        lowprec_momentum_([g], [buf_sr], 0.95, False, [rounding_seed(step, 0)])
+        buf_rn.copy_(buf_rn.float().lerp(g, 0.05))
+        ref.lerp_(g, 0.05)
+    assert torch.equal(buf_rn, torch.ones(4096, dtype=torch.bfloat16))
+    assert abs(buf_sr.float().mean().item() - ref.mean().item()) < 1e-4
+
+
+def test_momentum_matches_float32_step_and_is_reproducible() -> None:
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(16, 8, generator=gen), torch.randn(5, generator=gen)]
+    bufs = [torch.randn(16, 8, generator=gen).bfloat16(), torch.randn(5, generator=gen).bfloat16()]
+    copies = [b.clone() for b in bufs]
+    grads_before = [g.clone() for g in grads]
+    steps = lowprec_momentum_(grads, bufs, 0.9, True, [11, 12])
+    for g, b0, s in zip(grads_before, copies, steps):
+        m32 = b0.float().lerp(g, 0.1)
+        assert torch.allclose(s, g.lerp(m32, 0.9), atol=1e-6)
+    assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads_before))
+    again = [b.clone() for b in copies]
+    lowprec_momentum_(grads, again, 0.9, True, [11, 12])
+    assert all(torch.equal(a, b) for a, b in zip(again, bufs))
+
+
+def test_bad_input_raises() -> None:
+    gen = torch.Generator()
+    with pytest.raises(ValueError, match="x must be float32"):
+        stochastic_round_(
+            torch.empty(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.float64), gen
+        )
+    with pytest.raises(ValueError, match="out must be bfloat16"):
+        stochastic_round_(torch.empty(2), torch.ones(2), gen)
+    with pytest.raises(ValueError, match="out shape"):
+        stochastic_round_(torch.empty(3, dtype=torch.bfloat16), torch.ones(2), gen)
+    with pytest.raises(ValueError, match="equal lengths"):
+        lowprec_momentum_([torch.ones(2)], [], 0.9, True, [])
