@@ -19,7 +19,7 @@ Target (issue 10): >= 10x faster than MBDL at equal or better error on the patch
 plainly in the last lines, from the numbers printed; shared/ALGORITHMS.md warns that a complete
 orthogonal dictionary may not reach MBDL's error at equal ``k``.
 
-    python benchmarks/dictionary_learning.py [--repeats 3] [--patches 3000] [--threads 1]
+    python benchmarks/dictionary_learning.py [--repeats 3] [--patches 3000] [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def split(Y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(len(Y))
     cut = int(0.8 * len(Y))
     train, test = Y[order[:cut]], Y[order[cut:]]
+    if QUICK["on"]:  # one MBDL mini-batch of training data
+        train, test = train[:256], test[:128]
     mean = train.mean(axis=0)
     # One global scale (not per feature) keeps the geometry; it puts MBDL's alpha on the scale
     # scikit-learn's examples use.
@@ -87,6 +89,10 @@ def dct2_basis() -> np.ndarray:
     return np.kron(Q, Q).T
 
 
+# --quick (a smoke test of the script, seconds): every fit runs one pass over the data.
+QUICK = {"on": False}
+
+
 def ours(
     objective: str, k: int | None = None, dict_init: np.ndarray | None = None
 ) -> OnlineOrthogonalDictionaryLearning:
@@ -96,6 +102,7 @@ def ours(
         transform_n_nonzero_coefs=k,
         dict_init=dict_init,
         random_state=0,
+        **({"max_iter": 1} if QUICK["on"] else {}),
     )
 
 
@@ -105,7 +112,9 @@ def mbdl(max_iter: int = 1000) -> MiniBatchDictionaryLearning:
     return MiniBatchDictionaryLearning(
         n_components=64,
         alpha=1.0,
-        max_iter=max_iter,
+        max_iter=1 if QUICK["on"] else max_iter,
+        # LARS costs seconds per mini-batch; the smoke test only needs the code path to run.
+        fit_algorithm="cd" if QUICK["on"] else "lars",
         transform_algorithm="omp",
         random_state=0,
         batch_size=256,
@@ -114,7 +123,7 @@ def mbdl(max_iter: int = 1000) -> MiniBatchDictionaryLearning:
 
 def planted(repeats: int) -> None:
     rng = np.random.default_rng(0)
-    n, m = 64, 10_000
+    n, m = 64, 256 if QUICK["on"] else 10_000
     D0, R = np.linalg.qr(rng.standard_normal((n, n)))
     D0 = D0 * np.sign(np.diag(R))
     Y = (rng.standard_normal((m, n)) * (rng.random((m, n)) < 0.1)) @ D0.T
@@ -197,7 +206,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--patches", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 pass, small data")
     args = parser.parse_args()
+    if args.quick:
+        QUICK["on"] = True
+        args.repeats, args.patches = 1, 400
+        print("--quick: a smoke test of this script; its numbers are not the benchmark's\n")
     torch.set_num_threads(args.threads)
     try:
         from threadpoolctl import threadpool_limits

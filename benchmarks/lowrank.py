@@ -11,7 +11,7 @@ One process, one run, side by side, printed as ratios (these machines are noisy)
    loss of DCTAdamW and GaLoreAdamW at the same rank, lr and steps (AdamW for reference);
    target: within 2%.
 
-    python benchmarks/lowrank.py [--repeats 5] [--steps 200] [--skip-train]
+    python benchmarks/lowrank.py [--repeats 5] [--steps 200] [--skip-train] [--quick]
 """
 
 from __future__ import annotations
@@ -108,11 +108,13 @@ def report_subspace_time(repeats: int, shape: tuple[int, int] = (1024, 4096)) ->
         print(f"   {name:26s} {t * 1e3:9.1f} ms   SVD / this = {svd / t:6.1f}x")
 
 
-def report_training(steps: int, lr: float, adamw_lr: float, update_every: int, seed: int) -> None:
+def report_training(
+    steps: int, lr: float, adamw_lr: float, update_every: int, seed: int, task_name: str = "bytelm"
+) -> None:
     from orthotorch.bench.tasks import get_task
 
-    task = get_task("bytelm")
-    print(f"\n== bytelm ({task.description}), {steps} steps, seed {seed}")
+    task = get_task(task_name)
+    print(f"\n== {task_name} ({task.description}), {steps} steps, seed {seed}")
     results = {}
     for name in ("AdamW", "GaLoreAdamW", "DCTAdamW"):
         setup = task.setup(seed, torch.device("cpu"))
@@ -134,7 +136,9 @@ def report_training(steps: int, lr: float, adamw_lr: float, update_every: int, s
         elapsed = time.perf_counter() - start
         model.eval()
         with torch.no_grad():
-            results[name] = setup.evaluate(model)["val_loss"]
+            metrics = setup.evaluate(model)
+            # bytelm reports "val_loss", digits (the --quick task) "test_loss".
+            results[name] = metrics.get("val_loss", metrics.get("test_loss"))
         print(f"   {name:12s} val loss {results[name]:.4f}   train loss {loss.item():.4f}   "
               f"{elapsed:5.1f} s")  # fmt: skip
     ratio = results["DCTAdamW"] / results["GaLoreAdamW"]
@@ -154,7 +158,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--only-train", action="store_true")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: subspace timing on 64x256, 2 training steps on digits, no state-bytes "
+        "table (its GaLore SVDs of the reference set take most of a minute)",
+    )
     args = ap.parse_args()
+    if args.quick:
+        report_subspace_time(1, shape=(64, 256))
+        report_training(2, args.lr, args.adamw_lr, args.update_every, args.seed, "digits")
+        return
     if not args.only_train:
         report_state_bytes(args.rank)
         report_subspace_time(args.repeats)

@@ -12,7 +12,7 @@ and ``cayley``.
 A second table compares the compact WY form of the Householder product (the fast path) with
 ``k`` sequential rank-1 updates (the reference), forward + backward.
 
-    python benchmarks/parametrizations.py [--repeats 15] [--threads 1]
+    python benchmarks/parametrizations.py [--repeats 15] [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int) ->
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def compare_with_torch(repeats: int) -> None:
+def compare_with_torch(repeats: int, shapes: list[tuple[int, int]] = SHAPES) -> None:
     print("== forward + backward of the parametrized weight, median ms; ratio = torch / ours")
-    for m, n in SHAPES:
+    for m, n in shapes:
         torch.manual_seed(0)
         G = torch.randn(m, n)
         layers = {}
@@ -106,9 +106,9 @@ def product_step(
     return step
 
 
-def compare_wy_with_rank1(repeats: int) -> None:
+def compare_wy_with_rank1(repeats: int, shapes: list[tuple[int, int]] = SHAPES) -> None:
     print("== Householder product, forward + backward: compact WY vs k rank-1 updates")
-    for p, q in dict.fromkeys((max(s), min(s)) for s in SHAPES):
+    for p, q in dict.fromkeys((max(s), min(s)) for s in shapes):
         torch.manual_seed(0)
         U = torch.randn(p, q, requires_grad=True)
         G = torch.randn(p, q)
@@ -131,13 +131,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (>= 10)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--skip-rank1", action="store_true", help="skip the WY vs rank-1 table")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 32x16, 1 round")
     args = parser.parse_args()
+    shapes = [(32, 16)] if args.quick else SHAPES
+    if args.quick:
+        args.repeats = 1
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, CPU")
-    compare_with_torch(args.repeats)
+    compare_with_torch(args.repeats, shapes)
     if not args.skip_rank1:
-        compare_wy_with_rank1(args.repeats)
+        compare_wy_with_rank1(args.repeats, shapes)
 
 
 if __name__ == "__main__":

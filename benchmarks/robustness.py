@@ -9,7 +9,7 @@ here beyond a sanity check), the same for clean and corrupted runs; ROOT is also
 outlier clip switched off. (Its other mechanism, the per-shape coefficients, is inactive here:
 no digits-MLP shape is in ROOT's table, so ns_method="muon" would give the same numbers.)
 
-    python benchmarks/robustness.py [--steps 200] [--seeds 0,1]
+    python benchmarks/robustness.py [--steps 200] [--seeds 0,1] [--quick]
 """
 
 from __future__ import annotations
@@ -76,7 +76,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 3 steps")
     args = ap.parse_args()
+    if args.quick:
+        args.steps = 3
     seeds = [int(s) for s in args.seeds.split(",")]
     split = data()
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ zero) and a Gaussian matrix with power-law column scales (``j^-1/2``, a decaying
 momentum's). Shapes outside ROOT's table use Muon's coefficients, so ``root`` equals ``muon``
 there.
 
-    python benchmarks/root_precision.py [--max-side 8192] [--all-table-shapes]
+    python benchmarks/root_precision.py [--max-side 8192] [--all-table-shapes] [--quick]
 """
 
 from __future__ import annotations
@@ -51,12 +51,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-side", type=int, default=8192, help="skip shapes with a larger side")
     ap.add_argument("--all-table-shapes", action="store_true", help="add (2048, 3072), ...")
+    ap.add_argument("--quick", action="store_true", help="smoke test: the smallest shape only")
     args = ap.parse_args()
     methods = [m for m in available_methods() if get_method(m).schedule is not None]
     shapes = list(KERNEL_SHAPES)
     if args.all_table_shapes:
         shapes += [s for s in ROOT_COEFFICIENTS if s not in shapes]
     shapes = [s for s in shapes if max(s) <= args.max_side]
+    if args.quick:
+        shapes = [min(shapes, key=lambda s: s[0] * s[1])]
     columns = [*methods, "root (published, unguarded)"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; bf16, 5 steps")
     print("| shape | input | " + " | ".join(columns) + " |")

@@ -14,7 +14,7 @@ ARO rows: the default (float32 products), ``matmul_dtype=torch.bfloat16`` (then 
 kernel's per-step deviation from float32 on the reference shapes) and ``rotation_every=4``.
 
     python benchmarks/spectra_aro.py [--repeats 10] [--device cpu] [--layers 4] [--only spectra]
-        [--threads 1]
+        [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -165,10 +165,16 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (a loaded CPU: 1)"
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: 1 layer of width 32, vocab 256, 1 step"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     reference.LAYERS = args.layers  # fewer layers for a quick look on a busy CPU
+    if args.quick:  # the reference set's module globals, read when the set is built
+        reference.LAYERS, reference.WIDTH, reference.VOCAB = 1, 32, 256
+        args.layers, args.repeats = 1, 1
     builders = {
         name: build
         for name, build in BUILDERS.items()

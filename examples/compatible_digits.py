@@ -11,11 +11,13 @@ fixes that without re-embedding the gallery:
 - exact: ``exp(P - P^T)`` applied to the zero-padded old embedding (BT^2 basis expansion);
 - Procrustes: the closed-form best isometry (the reference).
 
-Run: ``python examples/compatible_digits.py`` (CPU, well under a minute).
+Run: ``python examples/compatible_digits.py [--quick]`` (CPU, well under a minute; ``--quick``:
+a few epochs, seconds).
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -67,8 +69,9 @@ def unit(E: torch.Tensor) -> torch.Tensor:
     return nn.functional.normalize(E, dim=1)
 
 
-def main() -> None:
+def main(quick: bool = False) -> None:
     start = time.perf_counter()
+    epochs, steps = ((2, 3), 20) if quick else ((15, 40), 600)
     torch.set_num_threads(1)  # tiny matrices: extra threads only add contention
     digits = load_digits()
     X = torch.tensor(digits.data / 16.0, dtype=torch.float32)
@@ -78,8 +81,8 @@ def main() -> None:
     gallery, query = train_test_split(test, test_size=1 / 3, stratify=y[test], random_state=0)
     train, gallery, query = (torch.as_tensor(i) for i in (train, gallery, query))
 
-    old = train_model(X[train], y[train], hidden=32, dim=16, seed=0, epochs=15)
-    new = train_model(X[train], y[train], hidden=128, dim=32, seed=1, epochs=40)
+    old = train_model(X[train], y[train], hidden=32, dim=16, seed=0, epochs=epochs[0])
+    new = train_model(X[train], y[train], hidden=128, dim=32, seed=1, epochs=epochs[1])
     with torch.no_grad():
         old_emb = {
             s: unit(old.embed(X[i])) for s, i in [("train", train), ("g", gallery), ("q", query)]
@@ -89,9 +92,9 @@ def main() -> None:
         }
 
     relaxed = OrthogonalTransform(16, 32, constraint="relaxed", lam=12.0)
-    train_orthogonal_transform(relaxed, old_emb["train"], new_emb["train"], steps=600, lr=1e-2)
+    train_orthogonal_transform(relaxed, old_emb["train"], new_emb["train"], steps=steps, lr=1e-2)
     exact = OrthogonalTransform(16, 32, constraint="exact")
-    train_orthogonal_transform(exact, old_emb["train"], new_emb["train"], steps=600, lr=1e-2)
+    train_orthogonal_transform(exact, old_emb["train"], new_emb["train"], steps=steps, lr=1e-2)
     Q = fit_orthogonal_transform(old_emb["train"], new_emb["train"])
     maps = {
         "no map (zero-pad)": lambda E: nn.functional.pad(E, (0, 16)),
@@ -138,4 +141,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few epochs/steps (seconds)")
+    main(parser.parse_args().quick)

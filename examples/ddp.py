@@ -1,6 +1,6 @@
 """DDP + orthotorch.Muon (or DCTAdamW): each rank orthogonalizes 1/world_size of the matrices.
 
-torchrun --nproc_per_node 2 examples/ddp.py [--optimizer dct]
+torchrun --nproc_per_node 2 examples/ddp.py [--optimizer dct] [--quick]
 
 With DCTAdamW each rank also finds 1/world_size of the subspaces and shares them, so the
 selected DCT columns are the same on every rank.
@@ -16,6 +16,7 @@ import orthotorch
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--optimizer", choices=["muon", "dct"], default="muon")
+parser.add_argument("--quick", action="store_true", help="3 steps (a smoke test)")
 args = parser.parse_args()
 
 dist.init_process_group("gloo")
@@ -34,7 +35,7 @@ else:
 
 gen = torch.Generator().manual_seed(rank)
 target = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-for step in range(60):
+for step in range(3 if args.quick else 60):
     x = torch.randn(64, 32, generator=gen)
     loss = (ddp(x) - x @ target).pow(2).mean()
     optimizer.zero_grad()

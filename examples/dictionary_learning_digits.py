@@ -1,6 +1,7 @@
 """Learn an orthogonal dictionary of the 8x8 digits and code them with k non-zeros.
 
     python examples/dictionary_learning_digits.py [--k 8] [--objective k_sparse] [--save atoms.png]
+        [--quick]
 
 Fits :class:`orthotorch.decomposition.OnlineOrthogonalDictionaryLearning` on the centred
 ``load_digits`` images (64-dim samples, 80/20 split), prints the held-out relative
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=8, help="non-zeros per code")
     parser.add_argument("--objective", choices=["l4", "k_sparse"], default="k_sparse")
     parser.add_argument("--save", default=None, help="path of a PNG grid of the atoms")
+    parser.add_argument("--quick", action="store_true", help="two passes over the data")
     args = parser.parse_args()
 
     Y = load_digits().data
@@ -57,7 +59,10 @@ def main() -> None:
     train, test = train - mean, test - mean
 
     model = OnlineOrthogonalDictionaryLearning(
-        objective=args.objective, transform_n_nonzero_coefs=args.k, random_state=0
+        objective=args.objective,
+        transform_n_nonzero_coefs=args.k,
+        random_state=0,
+        **({"max_iter": 2} if args.quick else {}),
     )
     start = time.perf_counter()
     model.fit(train)

@@ -9,11 +9,12 @@
    with the orthonormality penalty in the loss; the adapters are then merged back into plain
    ``nn.Linear`` layers (outputs checked equal).
 
-    python examples/orthogonal_layers_digits.py      # ~20 s on one CPU core
+    python examples/orthogonal_layers_digits.py [--quick]  # ~20 s on one CPU core
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import time
 
@@ -93,13 +94,13 @@ def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(X).argmax(1) == y).float().mean()) if len(y) else float("nan")
 
 
-def orthogonal_layers(Xtr, ytr, Xte, yte) -> None:
-    print("== MLP 64-128-128-10, hidden layers of each kind (Adam, 40 epochs)")
+def orthogonal_layers(Xtr, ytr, Xte, yte, epochs: int = 40) -> None:
+    print(f"== MLP 64-128-128-10, hidden layers of each kind (Adam, {epochs} epochs)")
     for kind in ("plain", "householder", "cayley", "projector"):
         torch.manual_seed(0)
         model = mlp(kind)
         t0 = time.perf_counter()
-        train(model, Xtr, ytr, epochs=40, lr=3e-3)
+        train(model, Xtr, ytr, epochs=epochs, lr=3e-3)
         seconds = time.perf_counter() - t0
         mats = constrained_matrices(model)
         err = f"{max(float(orthogonality_error(W)) for W in mats):.1e}" if mats else "-"
@@ -109,12 +110,12 @@ def orthogonal_layers(Xtr, ytr, Xte, yte) -> None:
         )
 
 
-def adapter_finetuning(Xtr, ytr, Xte, yte) -> None:
+def adapter_finetuning(Xtr, ytr, Xte, yte, epochs: tuple[int, int] = (30, 60)) -> None:
     print("== pretrain on digits 0-6, adapt with OrthonormalAdapter (rank 8) on 20 / class")
     old_tr, old_te, new_te = ytr <= 6, yte <= 6, yte >= 7
     torch.manual_seed(0)
     pretrained = mlp("plain")
-    train(pretrained, Xtr[old_tr], ytr[old_tr], epochs=30, lr=3e-3)
+    train(pretrained, Xtr[old_tr], ytr[old_tr], epochs=epochs[0], lr=3e-3)
     print(
         f"   pretrained: accuracy on 0-6 {accuracy(pretrained, Xte[old_te], yte[old_te]):.3f}, "
         f"on 7-9 {accuracy(pretrained, Xte[new_te], yte[new_te]):.3f}"
@@ -134,7 +135,7 @@ def adapter_finetuning(Xtr, ytr, Xte, yte) -> None:
             f"({trainable / full_params:.1%} of the full model); "
             f"penalty at init {float(orthonormal_adapter_penalty(model).detach()):.1e}"
         )
-        train(model, Xtr[few], ytr[few], epochs=60, lr=3e-3, penalty=True)
+        train(model, Xtr[few], ytr[few], epochs=epochs[1], lr=3e-3, penalty=True)
         with torch.no_grad():
             worst = max(
                 float(orthogonality_error(W))
@@ -154,14 +155,16 @@ def adapter_finetuning(Xtr, ytr, Xte, yte) -> None:
         print(f"   merged into {kinds}: max |logit difference| {diff:.1e}")
 
 
-def main() -> None:
+def main(quick: bool = False) -> None:
     torch.set_num_threads(1)  # tiny matrices: threads only add overhead
     t0 = time.perf_counter()
     data = load()
-    orthogonal_layers(*data)
-    adapter_finetuning(*data)
+    orthogonal_layers(*data, epochs=1 if quick else 40)
+    adapter_finetuning(*data, epochs=(1, 2) if quick else (30, 60))
     print(f"total {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one or two epochs (seconds)")
+    main(parser.parse_args().quick)

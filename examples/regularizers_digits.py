@@ -13,7 +13,7 @@ of the two hidden weights (0 = semi-orthogonal), and the mean ``|cos|`` between 
 of the penultimate test features (0 = classes on orthogonal directions). Runs in well under a
 minute on one CPU core::
 
-    python examples/regularizers_digits.py [--epochs 40] [--seeds 2]
+    python examples/regularizers_digits.py [--epochs 40] [--seeds 2] [--quick]
 """
 
 from __future__ import annotations
@@ -104,7 +104,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="one epoch, one seed (seconds)")
     args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.seeds = 1, 1
     torch.set_num_threads(1)
     data = load()
     configs = ["baseline", "+ soft", "+ srip", "+ OPL", "EBV head"]
