@@ -586,9 +586,12 @@ def merge_state_dicts(
 ) -> dict[str, Tensor]:
     """Merge ``finetuned`` models of ``base`` with a registered ``method``.
 
-    ``"average"`` takes ``weights=``; ``"task_arithmetic"`` and ``"orthogonal"`` take ``scale=``.
-    Entries not selected by ``keys`` are copied from ``base``. See :func:`average`,
-    :func:`task_arithmetic`, :func:`orthogonal_merge`.
+    ``"average"`` takes ``weights=``; ``"task_arithmetic"``, ``"orthogonal"`` and
+    ``"orthomerge"`` take ``scale=`` (default ``1 / len(finetuned)``); ``"ties"`` takes
+    ``scale=`` (default 1) and ``density=``. Every method's defaults keep a model usable
+    (README: two tasks, 5 seeds). Entries not selected by ``keys`` are copied from ``base``.
+    See :func:`average`, :func:`task_arithmetic`, :func:`orthogonal_merge`,
+    :func:`~orthotorch.merge.orthomerge`, :func:`~orthotorch.merge.ties_merge`.
     """
     return get_merge_method(method).merge(base, finetuned, keys=keys, **options)
 
