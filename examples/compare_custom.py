@@ -45,13 +45,15 @@ def val_loss(model: nn.Module) -> float:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="40 steps, 2 seeds, 3-point sweep")
+    parser.add_argument("--quick", action="store_true", help="30 steps, 2 seeds, 3-point sweep")
     parser.add_argument("--out", default="runs/compare_custom")
+    parser.add_argument("--threads", type=int, default=1, help="a small MLP is fastest on 1")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     result = compare(
         make_model, make_batches, loss_fn, evaluate=val_loss,
         optimizers=["adamw", "muon", "root"],
-        steps=40 if args.quick else 300, seeds=2 if args.quick else 3,
+        steps=30 if args.quick else 300, seeds=2 if args.quick else 3,
         sweep_factors=[0.5, 1, 2] if args.quick else [0.25, 0.5, 1, 2, 4],
         out=args.out, progress=not args.quick, plots=not args.quick, name="digits-mlp",
     )  # fmt: skip

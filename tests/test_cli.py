@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from orthotorch.bench import available_tasks
 from orthotorch.cli import main
@@ -100,3 +101,59 @@ def test_bench_quick_table_and_json(tmp_path, capsys):
     assert {k["method"] for k in data["kernels"]} >= {"muon", "polar_express", "svd"}
     assert {s["optimizer"] for s in data["steps"]} >= {"adamw", "muon", "torch-muon"}
     assert all(s["repeats"] == 2 for s in data["steps"])
+
+
+# ----------------------------------------------------------------------------------- compare v2
+@pytest.mark.parametrize("missing", ["tqdm", "matplotlib"])
+def test_missing_extra_fails_up_front_with_the_pip_command(missing, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, missing, None)  # import of it raises ImportError
+    out = tmp_path / "out"
+    assert main(["compare", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and missing in err and "pip install 'orthotorch[bench]'" in err
+    assert not out.exists()  # nothing ran, nothing written
+
+
+def test_version(capsys):
+    from orthotorch import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"orthotorch {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["compare", "--seeds", "1,1"], "lists a seed twice"),
+        (["compare", "--seeds", "0,1", "--tuning-seeds", "1"], "never see the seeds"),
+        (["compare", "--task", "digits", "--model", "gpt-small"], "apply to --task bytelm"),
+        (["compare", "--model", "gpt-huge"], "invalid choice"),
+        (["compare", "--schedule", "linear"], "invalid choice"),
+        (["compare", "--warmup", "1.5"], "fraction"),
+        (["compare", "--sweep", "--no-sweep"], "not allowed with"),
+        (["compare", "--sweep-factors", "1,-2"], "positive lr multipliers"),
+        (["compare", "--budget-s", "0"], "positive number"),
+    ],
+)
+def test_compare_v2_bad_input_is_one_line(argv, message, tmp_path, capsys):
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_a_failing_optimizer_exits_1_naming_it(tmp_path, monkeypatch, capsys):
+    from orthotorch import bench
+
+    class Broken(torch.optim.SGD):
+        def step(self, closure=None):
+            raise RuntimeError("kernel exploded")
+
+    spec = bench.OptimizerSpec("broken", lambda m, lr, _: Broken(m.parameters(), lr=lr))
+    monkeypatch.setitem(bench.OPTIMIZERS, "broken", spec)
+    argv = ["compare", "--task", "matrix", "--optimizers", "adamw,broken", "--lr", "broken=0.1"]
+    argv += ["--steps", "2", "--seeds", "1", "--no-plots", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "'broken'" in err and "kernel exploded" in err and "Traceback" not in err

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ..optim import ARO, ROOT, SPECTRA, AuON, DCTAdamW, GaLoreAdamW, Muon
+from ..optim import ARO, ROOT, SPECTRA, AuON, DCTAdamW, Dion, GaLoreAdamW, Muon, NorMuon
 from ..routing import param_groups, route_parameters
 
 __all__ = [
@@ -398,3 +398,15 @@ for _name, _factory, _lr, _text in (
     # ROOT's default scale (0.2 sqrt(max(m, n))) matches AdamW's update RMS: reuse AdamW's lrs.
     lrs = OPTIMIZERS["adamw"].lr if _lr is None else {"*": _lr}
     register_optimizer(OptimizerSpec(_name, _factory, lr=lrs, description=_text, tuned=()))
+
+
+# Issue 19. NorMuon's default scale is RMS-matched (0.2 sqrt(mn) / ||Ô||_F); Dion's is the
+# paper's sqrt(m / n). Their bytelm lrs are not swept yet (compare sweeps them).
+for _name, _factory, _lr, _text in (
+    ("normuon", _orthotorch(NorMuon), 8e-3, "orthotorch.NorMuon (per-neuron second moment)"),
+    ("dion", _orthotorch(Dion, rank=1.0), 0.02, "orthotorch.Dion, full rank"),
+    ("dion-r2", _orthotorch(Dion, rank=0.5), 0.02, "orthotorch.Dion, rank 1/2 of the small side"),
+    ("dion-r4", _orthotorch(Dion, rank=0.25), 0.02, "orthotorch.Dion, rank 1/4 of the small side"),
+    ("dion-r8", _orthotorch(Dion, rank=0.125), 0.02, "orthotorch.Dion, rank 1/8 of the small side"),
+):
+    register_optimizer(OptimizerSpec(_name, _factory, lr={"*": _lr}, description=_text, tuned=()))

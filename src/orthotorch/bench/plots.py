@@ -94,7 +94,8 @@ def plot_comparison(result: CompareResult, out: str | Path) -> list[Path]:
         how = "one line per seed" if x_key == "eval_time_s" else "mean, band = min..max"
         ax.set_title(f"{result.task}: {seeds} seed(s), {how}")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         _zoom(ax, result)
         fig.tight_layout()
         path = out / filename

@@ -481,7 +481,7 @@ class CompareResult:
         path = out / RESULTS_MD
         path.write_text(self.markdown())
         written.append(path)
-        if plots:
+        if plots and self.runs:
             from .plots import plot_comparison
 
             written += plot_comparison(self, out)
