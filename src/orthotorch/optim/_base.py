@@ -31,6 +31,7 @@ from ..functional import (
     parse_layout,
 )
 from ..functional.checks import maybe_nonfinite
+from ..functional.lowprec import LOW_PRECISION_DTYPES, lowprec_momentum_, rounding_seed
 
 __all__ = ["NonFiniteGradientError", "OrthogonalOptimizer"]
 
@@ -514,18 +515,39 @@ class OrthogonalOptimizer(Optimizer):
         check_range(label, "momentum", group["momentum"], 0.0, 1.0)
         if not isinstance(group["nesterov"], bool):
             raise ValueError(f"{label}: nesterov must be True or False, got {group['nesterov']!r}")
+        dtype = group.get("momentum_dtype")
+        if dtype is not None and dtype not in LOW_PRECISION_DTYPES:
+            raise ValueError(
+                f"{label}: momentum_dtype must be None (the parameter's dtype) or "
+                f"torch.bfloat16 (stochastic rounding), got {dtype!r}"
+            )
 
     def _init_state(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
+        dtype = group.get("momentum_dtype")  # bf16: half the state (functional/lowprec.py)
         for p, state in zip(params, states, strict=True):
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = torch.zeros_like(
+                    p, dtype=dtype, memory_format=torch.preserve_format
+                )
 
     def _momentum(
         self, group: dict[str, Any], grads: list[Tensor], states: list[dict[str, Any]]
     ) -> list[Tensor]:
         bufs = [s["momentum_buffer"] for s in states]
+        dtype = group.get("momentum_dtype")
+        if dtype is not None:
+            # Optimizer.load_state_dict casts state to the parameter's dtype; bf16 -> float32 is
+            # exact, so casting back restores the saved buffer bit for bit.
+            for s in states:
+                s["momentum_buffer"] = s["momentum_buffer"].to(dtype)
+            bufs = [s["momentum_buffer"] for s in states]
+            # The step count in the state seeds the rounding: a resumed run rounds identically.
+            seeds = [rounding_seed(s.get("momentum_rounds", 0), i) for i, s in enumerate(states)]
+            for s in states:
+                s["momentum_rounds"] = s.get("momentum_rounds", 0) + 1
+            return lowprec_momentum_(grads, bufs, group["momentum"], group["nesterov"], seeds)
         return nesterov_momentum_(grads, bufs, group["momentum"], group["nesterov"])
 
     def _direction(
