@@ -74,3 +74,65 @@ def test_bad_input_raises() -> None:
         stochastic_round_(torch.empty(3, dtype=torch.bfloat16), torch.ones(2), gen)
     with pytest.raises(ValueError, match="equal lengths"):
         lowprec_momentum_([torch.ones(2)], [], 0.9, True, [])
+
+
+def _model_and_optimizer(momentum_dtype):
+    import orthotorch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48))
+    groups = [
+        {"params": [model[0].weight, model[2].weight], "momentum_dtype": momentum_dtype},
+        {"params": [model[0].bias, model[2].bias], "algorithm": "adamw"},
+    ]
+    return model, orthotorch.Muon(groups, lr=0.02)
+
+
+def _steps(model, opt, seeds):
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+def test_muon_bf16_momentum_resumes_bitwise_and_halves_the_state() -> None:
+    import copy
+
+    model, opt = _model_and_optimizer(torch.bfloat16)
+    _steps(model, opt, range(3))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _steps(model, opt, range(3, 6))
+
+    resumed, opt2 = _model_and_optimizer(torch.bfloat16)
+    resumed.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    _steps(resumed, opt2, range(3, 6))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+    weight = model[0].weight
+    buf = opt.state[weight]["momentum_buffer"]
+    assert buf.dtype == torch.bfloat16 and opt.state[weight]["momentum_rounds"] == 6
+    full, full_opt = _model_and_optimizer(None)
+    _steps(full, full_opt, range(1))
+    assert full_opt.state[full[0].weight]["momentum_buffer"].dtype == torch.float32
+    # Orthogonalized weights: 2 bytes of state per entry, against AdamW's 8 (two float32 moments).
+    assert buf.element_size() * buf.numel() * 4 == 8 * weight.numel()
+
+
+def test_bf16_momentum_trains_like_float32() -> None:
+    """Same seeds, same gradients: bf16 momentum with stochastic rounding stays within bf16
+    rounding of the float32-momentum run after a few steps."""
+    runs = {}
+    for dtype in (None, torch.bfloat16):
+        model, opt = _model_and_optimizer(dtype)
+        _steps(model, opt, range(5))
+        runs[dtype] = model[0].weight.detach().clone()
+    diff = (runs[None] - runs[torch.bfloat16]).norm() / runs[None].norm()
+    assert diff < 1e-2
+
+
+def test_bad_momentum_dtype_raises_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"momentum_dtype must be None .* or torch.bfloat16"):
+        _model_and_optimizer(torch.float16)
