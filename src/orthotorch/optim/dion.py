@@ -93,6 +93,9 @@ class Dion(OrthogonalOptimizer):
     """
 
     algorithm = "dion"
+    # The factor all-reduces assume row shards: Shard(0) over a 1-D mesh (FSDP2) only;
+    # HSDP / tensor-parallel placements are refused at construction.
+    mesh_layouts = False
 
     def __init__(
         self,

@@ -106,6 +106,9 @@ class NorMuon(OrthogonalOptimizer):
     """
 
     algorithm = "normuon"
+    # The per-neuron statistics are computed on whole local rows: Shard(0) over a 1-D mesh
+    # (FSDP2) only; HSDP / tensor-parallel placements are refused at construction.
+    mesh_layouts = False
 
     def __init__(
         self,
