@@ -234,3 +234,10 @@ def test_dct_cache_key_of_bare_cuda_is_the_current_device(monkeypatch: pytest.Mo
     assert dct._device_key("cuda") == torch.device("cuda", 3)
     assert dct._device_key("cuda:1") == torch.device("cuda", 1)
     assert dct._device_key(None) == torch.device("cpu")
+
+
+def test_float32_plan_never_downcasts_float64() -> None:
+    G = torch.randn(3, 16, 24, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with dispatch.forced("batched", compute="float32"):
+        out = orthogonalize(G, "polar_express", dtype=torch.float64)
+    assert (out - exact_iteration(G, "polar_express")).abs().max() < 1e-10

@@ -17,7 +17,10 @@ candidates once per *bucket* ``(kernel, m, n, count, dtype, device, threads)`` a
 winner (:func:`plan_table` shows the choices; :func:`orthotorch.tune` measures them up front).
 
 Every plan computes the same iteration; the results differ only by rounding (float32 compute
-rounds *less* than bf16, so choosing it never makes the result less accurate).
+rounds *less* than bf16, so choosing it never makes the result less accurate). Within a process
+a bucket keeps its plan, so runs are reproducible there; two processes may measure different
+winners and then differ by rounding. For bitwise reproducibility across processes use the disk
+cache (same machine) or ``ORTHOTORCH_DISPATCH=default`` (no timing decides anything).
 
 Which buckets are measured. Timing costs a few extra kernel runs on the first call, worth it only
 where the work is large: buckets below :data:`MEASURE_FROM_FLOPS` (and every bucket while
@@ -275,7 +278,7 @@ def _run_plan(
     compiled: Callable[[], Callable[[Tensor], Tensor]] | None,
 ) -> Tensor:
     kernel = compiled() if (plan.compiled and compiled is not None) else fn
-    if plan.compute == "float32" and X.dtype != torch.float32:
+    if plan.compute == "float32" and X.dtype in _HALF:  # never a downcast of float64 input
         return _run_plan(replace(plan, compute="input"), X.float(), fn, compiled).to(X.dtype)
     count = X.shape[0]
     if plan.strategy == "batched" or plan.chunk >= count:
