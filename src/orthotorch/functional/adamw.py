@@ -41,6 +41,9 @@ def adamw_step_(
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    if torch.compiler.is_compiling():
+        _bias_corrected_update_(params, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps)
+        return
     # Step counters live on the CPU (as in torch.optim), so reading them is not a device sync.
     counts = [float(s) for s in steps]
     step_sizes = [-lr / (1 - beta1**t) for t in counts]
@@ -49,3 +52,27 @@ def adamw_step_(
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def _bias_corrected_update_(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """The last line of the step with the step counts kept as tensors (under ``torch.compile``).
+
+    ``float(step)`` would break the graph, and a Python number would be baked into the graph as
+    a constant that changes every step (a recompile per step). Same formula as the eager path;
+    the rounding of the bias corrections can differ in the last bit.
+    """
+    for p, m, v, t in zip(params, exp_avgs, exp_avg_sqs, steps, strict=True):
+        t = t.to(device=p.device, dtype=torch.float32)
+        bias_correction1 = 1 - torch.pow(beta1, t)
+        bias_correction2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
+        denom = (v.sqrt() / bias_correction2_sqrt.to(v.dtype)).add_(eps)
+        p.addcdiv_(m * (-lr / bias_correction1).to(p.dtype), denom)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["maybe_nonfinite"]
+__all__ = ["maybe_nonfinite", "nonfinite_flags"]
 
 
 def maybe_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
@@ -26,3 +26,16 @@ def maybe_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
         norms = torch._foreach_norm(device_tensors, 2)
         suspect |= ~torch.stack([n.float() for n in norms]).isfinite().all().cpu()
     return suspect
+
+
+def nonfinite_flags(tensors: Sequence[Tensor]) -> Tensor:
+    """A bool vector on the device, ``True`` where a tensor holds a NaN or Inf (exact).
+
+    No host transfer: the screen :class:`~orthotorch.optim.OrthogonalOptimizer` runs inside
+    ``torch.compile``, where reading a flag on the host would break the graph. (Tensors on
+    several devices are reduced on the first one's device.)
+    """
+    if not tensors:
+        return torch.zeros(0, dtype=torch.bool)
+    device = tensors[0].device
+    return torch.stack([~torch.isfinite(t).all().to(device) for t in tensors])

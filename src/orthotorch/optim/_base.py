@@ -30,7 +30,7 @@ from ..functional import (
     nesterov_momentum_,
     parse_layout,
 )
-from ..functional.checks import maybe_nonfinite
+from ..functional.checks import maybe_nonfinite, nonfinite_flags
 from ..functional.lowprec import LOW_PRECISION_DTYPES, lowprec_momentum_, rounding_seed
 
 __all__ = ["NonFiniteGradientError", "OrthogonalOptimizer"]
@@ -63,6 +63,19 @@ def check_range(
         raise ValueError(
             f"{group_label}: {name} must be a number in {left}{lo}, {hi}{right}, got {value!r}"
         )
+
+
+def _state_tensors(state: Mapping[str, Any]) -> list[Tensor]:
+    """Every tensor of a parameter's state, including per-block state (``state["blocks"]``)."""
+    out = []
+    for value in state.values():
+        if isinstance(value, Tensor):
+            out.append(distributed.local(value))
+        elif isinstance(value, list):
+            out += [
+                t for block in value if isinstance(block, Mapping) for t in _state_tensors(block)
+            ]
+    return out
 
 
 class OrthogonalOptimizer(Optimizer):
@@ -313,11 +326,15 @@ class OrthogonalOptimizer(Optimizer):
         all_params = [p for group in self.param_groups for p in group["params"]]
         if not self._ranks_checked:
             self._check_ranks_agree(all_params)
-        has_grad = torch.tensor([p.grad is not None for p in all_params])
+        has_grad = [p.grad is not None for p in all_params]
         # Under DDP/FSDP every rank must process the same parameters, or the collectives of
         # the direction step would be mismatched and hang: a parameter with a gradient on any
-        # rank is updated everywhere, with a zero gradient where it had none.
-        has_grad = distributed.any_rank(has_grad, all_params, self.distributed).tolist()
+        # rank is updated everywhere, with a zero gradient where it had none. (Single process:
+        # any_rank returns its input, and no .tolist() breaks a compiled graph.)
+        flags = torch.tensor(has_grad)
+        on_all_ranks = distributed.any_rank(flags, all_params, self.distributed)
+        if on_all_ranks is not flags:
+            has_grad = on_all_ranks.tolist()
         gathered = []
         position = 0
         for index, group in enumerate(self.param_groups):
@@ -336,8 +353,15 @@ class OrthogonalOptimizer(Optimizer):
                 params.append(p)
                 grads.append(grad)
             gathered.append((group, params, grads))
+        if self.check_finite and torch.compiler.is_compiling():
+            self._update_unless_nonfinite(gathered)
+            return loss
         if self.check_finite:
             gathered = self._filter_finite(gathered, all_params)
+        self._update(gathered)
+        return loss
+
+    def _update(self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
         for group, params, grads in gathered:
             if not params:
                 continue
@@ -345,7 +369,56 @@ class OrthogonalOptimizer(Optimizer):
                 self._adamw_group(group, params, grads)
             else:
                 self._orthogonal_group(group, params, grads)
-        return loss
+
+    def _update_unless_nonfinite(
+        self, gathered: list[tuple[dict, list[Tensor], list[Tensor]]]
+    ) -> None:
+        """The finite check inside ``torch.compile``: decided and applied on the device.
+
+        Raising needs the flag on the host (a graph break and a sync), so a compiled step
+        cannot raise :class:`NonFiniteGradientError`. Instead the step runs, and every parameter
+        and state tensor is put back where the check failed: the whole step when any gradient
+        is non-finite (as the eager raise leaves everything untouched), or, with
+        ``skip_nonfinite``, each such parameter. Skipped parameter updates are counted in
+        :attr:`nonfinite_skipped` (a device tensor). State is created before the snapshot, so
+        a first step with a NaN leaves fresh state, not NaN state.
+        """
+        flat = [(p, g) for _, ps, gs in gathered for p, g in zip(ps, gs)]
+        if not flat:
+            return
+        bad = nonfinite_flags([distributed.local(g) for _, g in flat])
+        skip = bad if self.skip_nonfinite else bad.any().expand(len(flat))
+        for group, params, _ in gathered:
+            if params:
+                self._create_state(group, params)
+        saved = []
+        for i, (p, _) in enumerate(flat):
+            for t in [distributed.local(p), *_state_tensors(self.state[p])]:
+                saved.append((i, t, t.clone()))
+        self._update(gathered)
+        for i, t, old in saved:
+            t.copy_(torch.where(skip[i], old, t))
+        counter = getattr(self, "_nonfinite_skipped", None)
+        if counter is None or counter.device != skip.device:
+            counter = self._nonfinite_skipped = torch.zeros(
+                (), dtype=torch.int64, device=skip.device
+            )
+        counter.add_(skip.sum())
+
+    @property
+    def nonfinite_skipped(self) -> Tensor:
+        """Parameter updates skipped by the on-device finite check of a compiled step."""
+        counter = getattr(self, "_nonfinite_skipped", None)
+        return torch.zeros((), dtype=torch.int64) if counter is None else counter
+
+    def _create_state(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Create the state of ``params`` that the step would create (idempotent)."""
+        if group["algorithm"] == ADAMW:
+            self._adamw_state(params)
+        elif not (
+            self.block_state and any(not lay.is_flatten for lay in self._layouts_of(group, params))
+        ):
+            self._init_state(group, params, [self.state[p] for p in params])
 
     def _check_ranks_agree(self, all_params: list[Tensor]) -> None:
         """Once, at the first step: every rank must hold the same parameter list."""
@@ -411,12 +484,9 @@ class OrthogonalOptimizer(Optimizer):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     ) -> None:
         exp_avgs, exp_avg_sqs, steps = [], [], []
+        self._adamw_state(params)
         for p in params:
             state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
@@ -433,6 +503,14 @@ class OrthogonalOptimizer(Optimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
         )
+
+    def _adamw_state(self, params: list[Tensor]) -> None:
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _orthogonal_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
