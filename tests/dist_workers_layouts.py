@@ -198,6 +198,23 @@ def scenario_edge_cases(rank: int, out: str, arg: str) -> dict:
     results["missing_grad_finite"] = all(bool(t.isfinite().all()) for t in after.values())
     results["missing_grad_up"] = after["up"]
 
+    # (1b) One update per bucket (many buckets in flight; the 1-row "gate" leaves the ranks
+    # of shard coordinate 1 a bucket of empty pieces), with and without overlap.
+    saved, odist.BUCKET_BYTES = odist.BUCKET_BYTES, 1
+    ref = reference("Muon", names, range(2)) if rank == 0 else None
+    for flag in (True, False):
+        for layout in ("hsdp_2x2", "fsdp_tp_2x2"):
+            params, _ = placed(layout, names)
+            opt = make_optimizer("Muon", list(params.values()), names, overlap=flag)
+            for step in range(2):
+                set_grads(params, step)
+                opt.step()
+            got = {n: full(p.detach()) for n, p in params.items()}
+            if rank == 0:
+                err = max(rel_err(got[n], ref[n]) for n in names)
+                results[f"tiny_buckets_{layout}_{flag}"] = err
+    odist.BUCKET_BYTES = saved
+
     # (2) Two optimizers on disjoint halves of the world: plain tensors with process_group=
     # (each pair its own data), DTensors with device_mesh= on the pair's 1-D sub-mesh.
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]

@@ -11,27 +11,22 @@ rank does ``1/world_size`` of the work:
   order is owned by rank ``i mod W``; each rank runs the kernel on the matrices it owns, then
   ``all_gather_into_tensor`` gives every rank every result. Each rank sends about
   ``(W - 1) / W`` of the orthogonalized parameters' size (in the compute dtype).
-- **sharded** (``DTensor`` sharded on dim 0 over a 1-D mesh): each rank sends its row shards of
-  matrix ``i`` to the owner with one ``all_to_all_single`` per shape, the owner assembles and
-  processes the full matrix, and a second ``all_to_all_single`` returns the row shards. No rank
-  holds more full matrices than it owns; each element crosses the network at most twice.
+- **DTensors on any mesh** (1-D or 2-D, any mix of ``Replicate()``, ``Shard(d)`` and FSDP2's
+  ``_StridedShard`` over tensor parallelism: FSDP2, HSDP, FSDP + TP, TP alone, expert
+  parallelism): each update has an owner among the ranks of its mesh. The mesh dimensions that
+  shard it bring its pieces to the owner (one ``all_to_all`` per bucket over those dimensions,
+  each piece placed by its rank's global index map), the owner processes it whole and a second
+  ``all_to_all`` returns the pieces; the replicated mesh dimensions split the owners further
+  (each replica slice owns ``1/R`` of the updates) and an ``all_gather`` over them completes
+  every rank's pieces. For FSDP2's ``Shard(0)`` on a 1-D mesh this is the row-shard exchange:
+  no rank holds more full matrices than it owns, each element crosses the network at most
+  twice. An expert stack sharded by experts is processed where it is (no gather), its experts
+  split over the replicated dimensions. With ``Topology.overlap`` the next bucket's exchange is
+  in flight while the current one is processed.
 
-- **replicated DTensors** (``Replicate()`` over a 1-D mesh, e.g. the ``r x n`` low-rank
-  moments of a row-sharded wide weight): as for plain replicated tensors, over the mesh's group.
-
-Ownership is round-robin over one global counter, so ranks differ by at most one matrix in
-total, and every collective has the same sizes on every rank: a rank that owns fewer matrices of
-a shape sends zero padding rather than skipping the call — skipping would hang the others.
-
-- **any mesh** (``DTensor`` on a 1-D or 2-D mesh with any mix of ``Replicate()``,
-  ``Shard(d)`` and FSDP2's ``_StridedShard`` over tensor parallelism: HSDP, FSDP + TP, TP
-  alone, expert parallelism): see :func:`map_matrices`. Matrix ``i`` has an owner among the
-  ranks of the mesh; the mesh dimensions that shard it bring its pieces to the owner (one
-  ``all_to_all`` over those dimensions, pieces placed by each rank's global index map), the
-  owner processes it whole and sends the pieces back; the replicated mesh dimensions split the
-  owners further (each replica slice owns ``1/R`` of the matrices) and an ``all_gather`` over
-  them completes every rank's shards. An expert stack sharded by experts is processed where
-  it is (no gather), its experts split over the replicated dimensions.
+Ownership is round-robin over one counter, so ranks differ by at most one update per call, and
+every collective has matching sizes on every rank: a rank that owns fewer matrices of a shape
+sends zero padding rather than skipping the call — skipping would hang the others.
 
 Two more primitives serve the low-rank optimizers: :func:`map_owned` computes a per-matrix
 result that must be identical on every rank (a subspace: DCT column indices, an SVD basis) once,
@@ -568,22 +563,28 @@ BUCKET_BYTES = 8 * 2**20
 
 @lru_cache(maxsize=4096)
 def _index_map(
-    shape: tuple[int, ...], mesh_shape: tuple[int, ...], placements: tuple, coord: tuple[int, ...]
+    shape: tuple[int, ...],
+    mesh_shape: tuple[int, ...],
+    placements: tuple,
+    coord: tuple[int, ...],
+    device: torch.device,
 ) -> Tensor | slice:
     """Flat global indices of the elements the rank at mesh ``coord`` holds, in its local order
     (a ``slice`` when they are one contiguous range, as for ``Shard(0)`` on a 1-D mesh).
 
     Each mesh dimension's placement splits ``arange(numel)`` in turn with the placement's own
     split (``torch.chunk`` semantics; ``_StridedShard`` interleaves): no communication, and
-    exactly DTensor's layout for every placement it defines.
+    exactly DTensor's layout for every placement it defines. Cached per shape, placement,
+    coordinate and device (a map costs 8 bytes per element, only for strided or column
+    shards; contiguous ranges are kept as slices).
     """
-    t = torch.arange(math.prod(shape)).view(shape)
+    t = torch.arange(math.prod(shape), device=device).view(shape)
     for size, placement, c in zip(mesh_shape, placements, coord, strict=True):
         if _is_shard(placement):
             t = placement._split_tensor(t, size, with_padding=False, contiguous=False)[0][c]
     flat = t.reshape(-1)
     first = int(flat[0]) if flat.numel() else 0
-    if torch.equal(flat, torch.arange(first, first + flat.numel())):
+    if torch.equal(flat, torch.arange(first, first + flat.numel(), device=device)):
         return slice(first, first + flat.numel())
     return flat.clone()
 
@@ -729,7 +730,7 @@ def _plan(
         u = updates[i]
         replica_rank, owner = divmod((counter + j) % (S * R), S)
         key = (tuple(u.shape), tuple(u.device_mesh.shape), tuple(u.placements))
-        maps = [_index_map(*key, c) for c in shard.coords]
+        maps = [_index_map(*key, c, local(u).device) for c in shard.coords]
         parts.append(_Part(i, layouts[i], replica_rank, owner, maps, [_numel(m) for m in maps]))
     return parts
 
@@ -813,9 +814,12 @@ def _exchange(
             for p, piece in zip(owned_by_s, by_owner[s].split([p.sizes[me] for p in owned_by_s])):
                 mine[p.i] = piece
         R = len(replica.coords)
-        if R == 1:
-            return bucket, mine, None
         per_replica = [sum(p.sizes[me] for p in bucket if p.replica == r) for r in range(R)]
+        # Same sizes on every rank of the replica group (same shard coordinate): an all-empty
+        # gather (this rank's pieces of the bucket are empty shards) is skipped by all of them.
+        if R == 1 or max(per_replica) == 0:
+            empty = torch.empty(0, dtype=dtype, device=device)
+            return bucket, {p.i: mine.get(p.i, empty) for p in bucket}, None
         block = torch.zeros(max(per_replica), dtype=dtype, device=device)
         if slice_parts:
             torch.cat([mine[p.i] for p in slice_parts], out=block[: per_replica[replica.me]])
@@ -1044,11 +1048,11 @@ def map_owned(
         mesh = _mesh_of(inputs, "map_owned", allow_replicated=False)
         rank, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
     else:
-        replicated = replicated_world(mode)
+        replicated = _replicated(mode)
         if replicated is None:
             STATS.owned_results += len(inputs)
             return [fn(i, t.reshape(matrix_shape(t.shape))) for i, t in enumerate(inputs)]
-        (rank, world), mesh, group = replicated, None, None
+        (rank, world, group), mesh = replicated, None
     owners = [i % world for i in range(len(inputs))]
     results: list[Tensor | None] = [None] * len(inputs)
     if mesh is None:
