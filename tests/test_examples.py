@@ -48,12 +48,18 @@ def run(path: Path, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict[Path, Future]:
-    """Every script's run, started together on a small pool (the tests then only wait)."""
+def results(request, tmp_path_factory) -> dict[Path, Future]:
+    """Every selected script's run, started together on a small pool (the tests then only
+    wait); scripts deselected with ``-k`` are not started."""
+    selected = {
+        item.callspec.params["path"]
+        for item in request.session.items
+        if getattr(item, "callspec", None) is not None and "path" in item.callspec.params
+    }
     pool = ThreadPoolExecutor(max_workers=WORKERS)
     futures = {}
     for path in SCRIPTS:
-        if "--quick" in path.read_text(encoding="utf-8"):
+        if path in selected and "--quick" in path.read_text(encoding="utf-8"):
             futures[path] = pool.submit(run, path, tmp_path_factory.mktemp(path.stem))
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
@@ -64,6 +70,7 @@ def test_every_script_was_found() -> None:
     assert {"examples/quickstart.py", "examples/fsdp2.py", "benchmarks/lowrank.py"} <= names
 
 
+@pytest.mark.slow  # ~3 min of CPU for ~26 scripts (each mostly the import of torch)
 @pytest.mark.parametrize("path", SCRIPTS, ids=script_id)
 def test_script_runs_with_quick(path: Path, results) -> None:
     source = path.read_text(encoding="utf-8")
