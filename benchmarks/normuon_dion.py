@@ -90,7 +90,9 @@ def bench_step(repeats: int, quick: bool) -> None:
                 times[name].append(time.perf_counter() - t0)
     base_med = statistics.median(times["Muon"])
     base_min = min(times["Muon"])
-    print("| optimizer | step ms (median) | min | vs Muon (median / min) | state of hidden matrices |")
+    print(
+        "| optimizer | step ms (median) | min | vs Muon (median / min) | state of hidden matrices |"
+    )
     print("|---|---|---|---|---|")
     muon_state = state_bytes(opts["Muon"][0], opts["Muon"][1])
     for name in names:
