@@ -41,9 +41,7 @@ def fit_quintic(lower: float, upper: float, points: int = 4000) -> tuple[float, 
     # p(x) - 1 <= t  ->  basis @ abc - t <= 1;   1 - p(x) <= t  ->  -basis @ abc - t <= -1
     A = np.vstack([np.hstack([basis, -ones]), np.hstack([-basis, -ones])])
     b = np.concatenate([np.ones(points), -np.ones(points)])
-    res = linprog(
-        c=[0, 0, 0, 1], A_ub=A, b_ub=b, bounds=[(None, None)] * 4, method="highs"
-    )
+    res = linprog(c=[0, 0, 0, 1], A_ub=A, b_ub=b, bounds=[(None, None)] * 4, method="highs")
     if not res.success:
         raise RuntimeError(f"LP failed on [{lower}, {upper}]: {res.message}")
     a, b3, c5, _ = res.x
