@@ -553,7 +553,8 @@ def compare(
     seed_list = _seed_list(seeds, "seeds")
     candidates = resolve_optimizers(spec, optimizers, lr)
     to_sweep = _sweep_set(sweep, candidates)
-    tune_list = _seed_list(tuning_seeds, "tuning_seeds") if to_sweep else []
+    # Checked even when nothing is swept: overlapping seeds are a mistake in the call itself.
+    tune_list = _seed_list(tuning_seeds, "tuning_seeds")
     overlap = sorted(set(tune_list) & set(seed_list))
     if overlap:
         raise ValueError(
@@ -590,7 +591,7 @@ def compare(
             "task_description": spec.description,
             "steps": steps,
             "seeds": seed_list,
-            "tuning_seeds": tune_list,
+            "tuning_seeds": tune_list if to_sweep else [],
             "sweep_factors": list(sweep_factors) if to_sweep else [],
             "eval_every": eval_every,
             "schedule": sched.to_dict(),
