@@ -379,9 +379,11 @@ class OrthogonalOptimizer(Optimizer):
         cannot raise :class:`NonFiniteGradientError`. Instead the step runs, and every parameter
         and state tensor is put back where the check failed: the whole step when any gradient
         is non-finite (as the eager raise leaves everything untouched), or, with
-        ``skip_nonfinite``, each such parameter. Skipped parameter updates are counted in
-        :attr:`nonfinite_skipped` (a device tensor). State is created before the snapshot, so
-        a first step with a NaN leaves fresh state, not NaN state.
+        ``skip_nonfinite``, each such parameter. Each skipped update is counted in the
+        parameter's ``state["nonfinite_skips"]`` (a device tensor here; :attr:`nonfinite_skipped`
+        sums them). State is created before the snapshot, so a first step with a NaN leaves
+        fresh state, not NaN state. (The counters live in the state because Dynamo does not
+        replay attribute assignments on an optimizer.)
         """
         flat = [(p, g) for _, ps, gs in gathered for p, g in zip(ps, gs)]
         if not flat:
@@ -398,21 +400,23 @@ class OrthogonalOptimizer(Optimizer):
         self._update(gathered)
         for i, t, old in saved:
             t.copy_(torch.where(skip[i], old, t))
-        counter = getattr(self, "_nonfinite_skipped", None)
-        if counter is None or counter.device != skip.device:
-            counter = self._nonfinite_skipped = torch.zeros(
-                (), dtype=torch.int64, device=skip.device
-            )
-        counter.add_(skip.sum())
+        for i, (p, _) in enumerate(flat):
+            self.state[p]["nonfinite_skips"].add_(skip[i].to(torch.int64))
 
     @property
-    def nonfinite_skipped(self) -> Tensor:
-        """Parameter updates skipped by the on-device finite check of a compiled step."""
-        counter = getattr(self, "_nonfinite_skipped", None)
-        return torch.zeros((), dtype=torch.int64) if counter is None else counter
+    def nonfinite_skipped(self) -> int:
+        """Parameter updates skipped so far for a non-finite gradient (``skip_nonfinite``, or a
+        compiled step's on-device check); a host read."""
+        return sum(int(s.get("nonfinite_skips", 0)) for s in self.state.values())
 
     def _create_state(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Create the state of ``params`` that the step would create (idempotent)."""
+        """Create the state of ``params`` that the step would create (idempotent), and the
+        skip counters of the compiled step's finite check."""
+        for p in params:
+            state = self.state[p]
+            count = state.get("nonfinite_skips", 0)
+            if not isinstance(count, Tensor):
+                state["nonfinite_skips"] = torch.tensor(count, dtype=torch.int64, device=p.device)
         if group["algorithm"] == ADAMW:
             self._adamw_state(params)
         elif not (
