@@ -256,8 +256,17 @@ def expected_dion_bytes(rank: float) -> int:
     square weight; of ``M^T Q`` (``n x r``) and ``r`` column norms for a wide one."""
     import math
 
+    import dist_workers
+
+    shapes = [
+        tuple(p.shape)
+        for g in orthotorch.param_groups(dist_workers.make_model())
+        if g.get("algorithm") != "adamw"
+        for p in (x[1] if isinstance(x, tuple) else x for x in g["params"])
+    ]
+    assert (57, 24) in shapes and (24, 57) in shapes
     total = 0
-    for m, n in [(24, 24)] * 3 + [(57, 24), (24, 57)]:
+    for m, n in shapes:
         r = round(rank * min(m, n))
         if m >= n:
             total += math.ceil(1.25 * r) * r + r * r + n * r
