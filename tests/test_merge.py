@@ -350,7 +350,7 @@ def test_dispatcher_and_registry(models) -> None:
     try:
         assert_sd_close(merge_state_dicts(base, ft, "first"), ft[0], atol=0)
     finally:
-        del merging_module._METHODS["first"]
+        merging_module._METHODS.unregister("first")
 
 
 # --------------------------------------------------------------------------------- bad input

@@ -33,6 +33,12 @@ class Registry(Generic[T]):
             )
         self._entries[name] = entry
 
+    def unregister(self, name: str) -> T:
+        """Remove and return the entry called ``name`` (``ValueError`` if there is none)."""
+        entry = self.get(name)
+        del self._entries[name]
+        return entry
+
     def get(self, name: str) -> T:
         """The entry called ``name``; ``ValueError`` listing the valid names otherwise."""
         try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._registry import Registry
 from .newton_schulz import (
     AOL_COEFFICIENTS,
     JIACHENG_COEFFICIENTS,
@@ -69,34 +70,25 @@ class OrthogonalizationMethod:
     norm_scale: float = 1.0
 
 
-_METHODS: dict[str, OrthogonalizationMethod] = {}
-
-_NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_METHODS: Registry[OrthogonalizationMethod] = Registry("orthogonalization method", "methods")
 
 
 def register_method(method: OrthogonalizationMethod, *, overwrite: bool = False) -> None:
     """Add ``method`` to the registry under ``method.name``."""
-    if method.name in _METHODS and not overwrite:
-        raise ValueError(
-            f"orthogonalization method {method.name!r} is already registered; "
-            "pass overwrite=True to replace it"
-        )
-    _METHODS[method.name] = method
+    _METHODS.register(method.name, method, overwrite=overwrite)
 
 
 def available_methods() -> list[str]:
     """Names of every registered method, in registration order."""
-    return list(_METHODS)
+    return _METHODS.names()
 
 
 def get_method(name: str) -> OrthogonalizationMethod:
     """Look a method up, with an error that lists the valid names."""
-    try:
-        return _METHODS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown orthogonalization method {name!r}; valid methods: {', '.join(_METHODS)}"
-        ) from None
+    return _METHODS.get(name)
+
+
+_NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def newton_schulz_method(

@@ -49,6 +49,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .._registry import Registry
 from ..linalg import orthogonalize
 
 __all__ = [
@@ -549,31 +550,22 @@ class MergeMethod:
     description: str
 
 
-_METHODS: dict[str, MergeMethod] = {}
+_METHODS: Registry[MergeMethod] = Registry("merge method", "methods")
 
 
 def register_merge_method(method: MergeMethod, *, overwrite: bool = False) -> None:
     """Add ``method`` under ``method.name``; :func:`merge_state_dicts` picks it up."""
-    if method.name in _METHODS and not overwrite:
-        raise ValueError(
-            f"merge method {method.name!r} is already registered; pass overwrite=True to replace it"
-        )
-    _METHODS[method.name] = method
+    _METHODS.register(method.name, method, overwrite=overwrite)
 
 
 def available_merge_methods() -> list[str]:
     """Names of every registered merge method, in registration order."""
-    return list(_METHODS)
+    return _METHODS.names()
 
 
 def get_merge_method(name: str) -> MergeMethod:
     """Look a merge method up, with an error that lists the valid names."""
-    try:
-        return _METHODS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown merge method {name!r}; valid methods: {', '.join(_METHODS)}"
-        ) from None
+    return _METHODS.get(name)
 
 
 def merge_state_dicts(
