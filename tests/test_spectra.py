@@ -451,3 +451,14 @@ def test_a_step_the_base_skipped_stays_skipped() -> None:
     assert base.state[W]["nonfinite_skips"] == 1
     assert torch.equal(W, W_before)
     assert torch.isfinite(V).all() and not torch.equal(V, V_before)
+
+
+def test_spectra_clip_options_act_or_raise() -> None:
+    """Regression: SPECTRA passed method/steps/polish_steps to the default CPU route (eigh),
+    which runs no Newton–Schulz iteration, so they were accepted and ignored."""
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    assert orthotorch.SPECTRA(torch.optim.SGD([w], lr=0.1)).route == "auto"
+    assert orthotorch.SPECTRA(torch.optim.SGD([w], lr=0.1), steps=9).route == "gram"
+    assert orthotorch.SPECTRA(torch.optim.SGD([w], lr=0.1), method="svd").route == "polar"
+    with pytest.raises(ValueError, match=r"polish_steps configure\(s\) the Newton–Schulz routes"):
+        orthotorch.SPECTRA(torch.optim.SGD([w], lr=0.1), route="eigh", polish_steps=3)

@@ -16,10 +16,10 @@ from ..distributed import make_topology
 from ..functional import MatrixLayout, apply_updates_, parse_layout
 from ..functional.checks import maybe_nonfinite
 from ..linalg.spectral import (
-    DEFAULT_POLISH_STEPS,
     ClipRoute,
     check_clip,
     check_route,
+    resolve_route,
     spectral_clip_kernel,
 )
 from ._base import NonFiniteGradientError, OrthogonalOptimizer
@@ -107,13 +107,17 @@ class SPECTRA(Optimizer):
         optimizer: any ``torch.optim.Optimizer`` (AdamW, SGD, orthotorch optimizers, ...).
         clip: post-clip threshold ``c`` of the update's spectrum (default 10), or ``None``.
         pre_clip: threshold of the gradient pre-clip (default ``None``: off; the paper uses 0.1).
-        method: polar routine of the clip (:func:`orthotorch.linalg.available_methods`).
+        method: polar routine of a Newton–Schulz route
+            (:func:`orthotorch.linalg.available_methods`; ``None``: ``"polar_express"``).
         steps: its iterations (``None``: the method's default plus 3).
         dtype: compute dtype of the clip (default float32).
-        polish_steps: convergent Newton–Schulz steps after the method (default 2).
+        polish_steps: convergent Newton–Schulz steps after the method (``None``: 2).
         route: how ``H_c`` is computed (:func:`orthotorch.linalg.spectral_clip`): ``"auto"``
             (``"eigh"`` of the small-side Gram matrix on the CPU, matmul-only ``"gram"``
-            Newton–Schulz elsewhere), ``"gram"``, ``"eigh"`` or ``"polar"``.
+            Newton–Schulz elsewhere), ``"gram"``, ``"eigh"`` or ``"polar"``. Giving ``method``,
+            ``steps`` or ``polish_steps`` with ``"auto"`` selects a Newton–Schulz route so that
+            they act on every device (:func:`orthotorch.linalg.resolve_route`); with ``"eigh"``,
+            which runs no iteration, they raise.
         check_finite: raise :class:`~orthotorch.optim.NonFiniteGradientError` on NaN/Inf
             gradients before the base step, changing nothing (one host sync per step and
             device).
@@ -135,10 +139,10 @@ class SPECTRA(Optimizer):
         clip: float | None = 10.0,
         pre_clip: float | None = None,
         *,
-        method: str = "polar_express",
+        method: str | None = None,
         steps: int | None = None,
         dtype: torch.dtype | None = torch.float32,
-        polish_steps: int = DEFAULT_POLISH_STEPS,
+        polish_steps: int | None = None,
         route: ClipRoute = "auto",
         check_finite: bool = True,
         distributed: str = "auto",
@@ -171,7 +175,9 @@ class SPECTRA(Optimizer):
         self.clip = None if clip is None else check_clip(clip, "clip")
         self.pre_clip = None if pre_clip is None else check_clip(pre_clip, "pre_clip")
         # Validate the clip's options now (never at step 1000); building the kernel resolves
-        # method, steps and dtype (resolve_compute) and the route.
+        # method, steps and dtype (resolve_compute) and the route. Options that only act on a
+        # Newton–Schulz route choose one (or raise with route="eigh"): never ignored silently.
+        route = resolve_route(check_route(route), method, steps, polish_steps)
         spectral_clip_kernel(1.0, method, steps, dtype, polish_steps, route)
         self.method, self.steps, self.dtype = method, steps, dtype
         self.polish_steps, self.route = polish_steps, route
