@@ -37,8 +37,8 @@ NO_DECAY_ROLES: tuple[str, ...] = ("bias", "norm", "embedding")
 DECAY_ROLES: tuple[str, ...] = ("bias", "norm", "embedding", "head", "router", "vector", "hidden")
 
 # Leaf module names of MLP input (row-normalised under policy="symmetry") and output projections.
-_MLP_IN = ("gate", "up", "fc1", "w1", "w3", "c_fc", "gate_up", "w13", "wi")
-_MLP_OUT = ("down", "fc2", "w2", "c_proj", "wo")
+_MLP_IN = ("gate", "up", "fc1", "w1", "w3", "c_fc", "gate_up", "w13")
+_MLP_OUT = ("down", "fc2", "w2", "c_proj")
 _ROUTER_NAMES = ("router", "moe_gate", "gating")
 # Fused projections: leaf names whose rows stack q, k, v (or gate, up) blocks.
 _FUSED_QKV = ("qkv", "qkv_proj", "wqkv", "c_attn", "in_proj", "w_pack", "query_key_value_fused")
