@@ -247,7 +247,13 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--quick", action="store_true", help="seconds: 3 steps of every optimizer, one seed"
+    )
     args = parser.parse_args()
+    if args.quick:  # a smoke run of the code paths; its numbers mean nothing
+        args.steps, args.seeds, args.sweep_factors = 3, "0", "1"
+        args.parts, args.no_progress = "lm", True
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.optimizers = args.optimizers.split(",")
     args.sweep_factors = [float(f) for f in args.sweep_factors.split(",")]
