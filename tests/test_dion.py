@@ -151,10 +151,11 @@ def test_cholesky_qr_is_orthonormal_and_matches_householder(condition: float) ->
     assert (Qc - Qh).norm() < 1e-6 * condition + 1e-5
 
 
-def test_refuses_non_flatten_layouts_and_names_rank_range() -> None:
+def test_layout_blocks_have_their_own_rank_range() -> None:
     p = nn.Parameter(torch.randn(2, 4, 6))
-    with pytest.raises(ValueError, match=r"Dion does not support the matrix layouts 'batch'"):
-        orthotorch.Dion([{"params": [p], "layouts": ["batch"]}])
+    orthotorch.Dion([{"params": [p], "layouts": ["batch"]}], rank=4)  # each expert is 4x6
+    with pytest.raises(ValueError, match=r"of shape \(2, 4, 6\) \(a 4x6 matrix\).*\[1, 4\]"):
+        orthotorch.Dion([{"params": [p], "layouts": ["batch"]}], rank=5)
     q = nn.Parameter(torch.randn(4, 6))
     with pytest.raises(ValueError, match=r"parameter params\[0\] of shape \(4, 6\).*\[1, 4\]"):
         orthotorch.Dion([q], rank=5)

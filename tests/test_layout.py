@@ -175,8 +175,9 @@ def test_layout_is_saved_and_a_different_one_is_refused_on_load() -> None:
         (orthotorch.ARO, {"lr": 1e-3}),
         (orthotorch.DCTAdamW, {"lr": 1e-3, "rank": 0.5, "update_every": 2}),
         (orthotorch.GaLoreAdamW, {"lr": 1e-3, "rank": 0.5, "update_every": 2}),
+        (orthotorch.Dion, {"lr": 1e-2, "rank": 0.5}),
     ],
-    ids=["ARO", "DCTAdamW", "GaLoreAdamW"],
+    ids=["ARO", "DCTAdamW", "GaLoreAdamW", "Dion"],
 )
 def test_per_matrix_state_is_kept_per_block(cls, kwargs) -> None:
     """ARO's rotation and the low-rank subspaces are per matrix: an expert stack / a q,k,v

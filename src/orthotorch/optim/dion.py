@@ -55,7 +55,8 @@ class Dion(OrthogonalOptimizer):
     for a tall weight, sharded like the rows for a wide one.
 
     Weights with more than two dimensions are handled as ``(shape[0], prod(shape[1:]))``
-    matrices; other matrix layouts (experts, split blocks) are refused.
+    matrices; under other matrix layouts each expert / split block keeps its own ``Q`` (plain
+    and DDP parameters; sharded ones take ``flatten`` only).
 
     Reference: Ahn, Xu, Abreu, Langford, "Dion: Distributed Orthonormalized Updates" (2025,
     https://arxiv.org/abs/2504.05295); github.com/microsoft/dion.
@@ -96,6 +97,7 @@ class Dion(OrthogonalOptimizer):
     # The factor all-reduces assume row shards: Shard(0) over a 1-D mesh (FSDP2) only;
     # HSDP / tensor-parallel placements are refused at construction.
     mesh_layouts = False
+    block_state = True  # a factor Q per matrix: each expert / q-k-v block has its own
 
     def __init__(
         self,
@@ -158,25 +160,24 @@ class Dion(OrthogonalOptimizer):
         seed = group["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"{label}: seed must be a non-negative int, got {seed!r}")
+        layouts = self._layouts_of(group, list(group["params"]))
         for i, p in enumerate(group["params"]):
             shape = matrix_shape(p.shape)
-            try:
-                resolve_rank(group["rank"], shape)
-            except ValueError as err:
-                raise ValueError(
-                    f"{label}: parameter {self._param_label(group, i)} of shape "
-                    f"{tuple(p.shape)} (a {shape[0]}x{shape[1]} matrix): {err}"
-                ) from None
+            # Each matrix of the layout (an expert, a q/k/v block) has its own Q and rank.
+            for block in dict.fromkeys(layouts[i].block_shapes(tuple(p.shape))):
+                try:
+                    resolve_rank(group["rank"], block)
+                except ValueError as err:
+                    raise ValueError(
+                        f"{label}: parameter {self._param_label(group, i)} of shape "
+                        f"{tuple(p.shape)} (a {block[0]}x{block[1]} matrix): {err}"
+                    ) from None
             if group["qr_method"] == "householder" and dist.is_dtensor(p) and p_on_rows(shape):
                 raise ValueError(
                     f"{label}: parameter {self._param_label(group, i)} is row-sharded (FSDP2) "
                     "and tall, so P is split over the ranks: qr_method='householder' needs "
                     "the whole P; use qr_method='cholesky'"
                 )
-
-    def _supports_layout(self, layout: MatrixLayout) -> bool:
-        # Q is state of the flattened weight; per-block factors are not implemented.
-        return layout.is_flatten
 
     # ------------------------------------------------------------------ hooks
     def _init_state(
@@ -212,7 +213,7 @@ class Dion(OrthogonalOptimizer):
         states: list[dict[str, Any]],
         layouts: list[MatrixLayout],
     ) -> list[Tensor]:
-        del layouts  # flatten only (_supports_layout)
+        del layouts  # flatten only: other layouts run block by block (block_state)
         # Same-shape matrices are stacked: one batched product per stage and, when sharded,
         # one all-reduce per stage for the whole stack.
         buckets: dict[tuple, list[int]] = defaultdict(list)
