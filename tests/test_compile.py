@@ -24,20 +24,6 @@ COMPILED = {
     "AuON": (orthotorch.AuON, {"lr": 0.02}),
     "HybridAuON": (orthotorch.AuON, {"lr": 0.02, "hybrid": True}),
 }
-# The step calls these outside this test's files; until they are traceable the checks xfail
-# (strict: the marker must go when they are fixed).
-NEEDS_DISPATCH_FIX = pytest.mark.xfail(
-    strict=True,
-    reason="linalg.dispatch.bucket_key calls torch.get_num_threads() (a graph break)",
-)
-# Not strict: while the graph breaks above remain, the counter increments land in resumed
-# frames and the recompile does not show.
-NEEDS_STATS_FIX = pytest.mark.xfail(
-    strict=False,
-    reason="distributed.map_matrices increments distributed.STATS (a guard that fails each step)",
-)
-
-
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     threads = torch.get_num_threads()
@@ -96,7 +82,7 @@ def _graph_breaks(name: str) -> int:
 
 # Muon stands for the optimizers that go through map_matrices (ROOT, HybridAuON make the
 # same calls); benchmarks/compiled_step.py reports every optimizer.
-@pytest.mark.parametrize("name", [pytest.param("Muon", marks=NEEDS_DISPATCH_FIX), "AuON"])
+@pytest.mark.parametrize("name", ["Muon", "ROOT", "AuON"])
 def test_compiled_step_has_no_graph_breaks(name):
     assert _graph_breaks(name) == 0
 
@@ -115,7 +101,7 @@ def _graphs_per_step(name: str, steps: int = 5) -> list[int]:
     return counts
 
 
-@pytest.mark.parametrize("name", [pytest.param("Muon", marks=NEEDS_STATS_FIX), "AuON"])
+@pytest.mark.parametrize("name", ["Muon", "ROOT", "AuON"])
 def test_compiled_step_does_not_recompile_after_the_state_exists(name):
     """Step 1 traces with empty state, step 2 once more with the state it created (as for
     torch.optim); after that no step compiles anything."""

@@ -501,7 +501,8 @@ def _map_plain(
         buckets = bucket_by_shape(matrices, compute_dtype)
         for b in buckets:
             b.X = kernel(b.X, b.transposed)
-            STATS.matrices_processed += len(b.index)
+            if not torch.compiler.is_compiling():  # a global counter would recompile each step
+                STATS.matrices_processed += len(b.index)
     else:
         buckets, counter = _map_replicated(
             matrices, kernel, compute_dtype, *world, group, counter, overlap

@@ -249,7 +249,9 @@ def bucket_key(kernel: str, X: Tensor) -> BucketKey:
     """The bucket of a ``(count, m, n)`` stack for ``kernel``."""
     count, rows, cols = X.shape
     dtype = str(X.dtype).removeprefix("torch.")
-    return BucketKey(kernel, rows, cols, count, dtype, X.device.type, torch.get_num_threads())
+    # Reading the thread count breaks a torch.compile graph; compiled steps use one key.
+    threads = 0 if torch.compiler.is_compiling() else torch.get_num_threads()
+    return BucketKey(kernel, rows, cols, count, dtype, X.device.type, threads)
 
 
 def machine_stamp() -> dict[str, Any]:
