@@ -24,6 +24,8 @@ COMPILED = {
     "AuON": (orthotorch.AuON, {"lr": 0.02}),
     "HybridAuON": (orthotorch.AuON, {"lr": 0.02, "hybrid": True}),
 }
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     threads = torch.get_num_threads()
