@@ -514,25 +514,18 @@ def _map_plain(
             b.X.mul_(factor)
         for j, d in zip(b.index, b.directions(), strict=True):
             results[j] = d
-    return _assemble(updates, layouts, results, compute_dtype), counter
+    return _assemble(updates, layouts, results), counter
 
 
 def _assemble(
-    tensors: list[Tensor], layouts: list[MatrixLayout], matrices: list[Tensor], dtype: torch.dtype
+    tensors: list[Tensor], layouts: list[MatrixLayout], matrices: list[Tensor]
 ) -> list[Tensor]:
     """Per-tensor results from per-matrix results (the inverse of ``layout_matrices``)."""
     out, position = [], 0
     for t, layout in zip(tensors, layouts, strict=True):
         count = len(layout.block_shapes(t.shape))
-        blocks = matrices[position : position + count]
+        out.append(layout.assemble(matrices[position : position + count], t.shape, t.device))
         position += count
-        if layout.is_flatten:
-            out.append(blocks[0].reshape(t.shape))
-            continue
-        result = torch.empty(t.shape, dtype=dtype, device=t.device)
-        for view, block in zip(layout.matrices(result), blocks, strict=True):
-            view.copy_(block)
-        out.append(result)
     return out
 
 

@@ -160,6 +160,18 @@ class MatrixLayout:
                 out.extend(row_block.split(cols, dim=1))
         return out
 
+    def assemble(
+        self, blocks: list[Tensor], shape: torch.Size | tuple[int, ...], device: torch.device
+    ) -> Tensor:
+        """The tensor of ``shape`` whose :meth:`matrices` are ``blocks`` (the inverse of
+        :meth:`matrices`), in the blocks' dtype; a ``flatten`` result is a reshape, no copy."""
+        if self.is_flatten:
+            return blocks[0].reshape(shape)
+        out = torch.empty(shape, dtype=blocks[0].dtype, device=device)
+        for view, block in zip(self.matrices(out), blocks, strict=True):
+            view.copy_(block)
+        return out
+
 
 FLATTEN = MatrixLayout()
 

@@ -29,6 +29,7 @@ from ..functional import (
     get_update_rule,
     nesterov_momentum_,
     parse_layout,
+    resolve_rank,
 )
 from ..functional.checks import maybe_nonfinite, nonfinite_flags
 from ..functional.lowprec import LOW_PRECISION_DTYPES, lowprec_momentum_, rounding_seed
@@ -275,6 +276,21 @@ class OrthogonalOptimizer(Optimizer):
         """Whether this optimizer's direction honours ``layout`` (a subclass that cannot serve
         some layouts narrows this)."""
         return True
+
+    def _check_rank_per_matrix(self, group: dict[str, Any], label: str) -> None:
+        """``group["rank"]`` (an int or a fraction) must fit every matrix of every parameter's
+        layout: optimizers with low-rank per-matrix state give each expert / q-k-v block its
+        own rank-``r`` state. ``ValueError`` names the parameter and the matrix."""
+        layouts = self._layouts_of(group, list(group["params"]))
+        for i, p in enumerate(group["params"]):
+            for shape in dict.fromkeys(layouts[i].block_shapes(tuple(p.shape))):
+                try:
+                    resolve_rank(group["rank"], shape)
+                except ValueError as err:
+                    raise ValueError(
+                        f"{label}: parameter {self._param_label(group, i)} of shape "
+                        f"{tuple(p.shape)} (a {shape[0]}x{shape[1]} matrix): {err}"
+                    ) from None
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
         """Subclass hook: check the algorithm's own hyperparameters (raise ``ValueError``)."""
@@ -573,10 +589,8 @@ class OrthogonalOptimizer(Optimizer):
                 directions.append(block_directions[position])
                 position += 1
                 continue
-            out = torch.empty(p.shape, dtype=block_directions[position].dtype, device=p.device)
-            for view, d in zip(layout.matrices(out), block_directions[position : position + count]):
-                view.copy_(d)
-            directions.append(out)
+            blocks = block_directions[position : position + count]
+            directions.append(layout.assemble(blocks, p.shape, p.device))
             position += count
         return directions
 

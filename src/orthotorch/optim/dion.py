@@ -160,18 +160,9 @@ class Dion(OrthogonalOptimizer):
         seed = group["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"{label}: seed must be a non-negative int, got {seed!r}")
-        layouts = self._layouts_of(group, list(group["params"]))
+        self._check_rank_per_matrix(group, label)  # a Q per expert / q-k-v block
         for i, p in enumerate(group["params"]):
             shape = matrix_shape(p.shape)
-            # Each matrix of the layout (an expert, a q/k/v block) has its own Q and rank.
-            for block in dict.fromkeys(layouts[i].block_shapes(tuple(p.shape))):
-                try:
-                    resolve_rank(group["rank"], block)
-                except ValueError as err:
-                    raise ValueError(
-                        f"{label}: parameter {self._param_label(group, i)} of shape "
-                        f"{tuple(p.shape)} (a {block[0]}x{block[1]} matrix): {err}"
-                    ) from None
             if group["qr_method"] == "householder" and dist.is_dtensor(p) and p_on_rows(shape):
                 raise ValueError(
                     f"{label}: parameter {self._param_label(group, i)} is row-sharded (FSDP2) "

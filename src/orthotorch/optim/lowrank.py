@@ -133,17 +133,7 @@ class _LowRankAdamW(OrthogonalOptimizer):
                 resolve_compute(group["ns_method"], group["ns_steps"], group["ns_dtype"])
             except ValueError as err:
                 raise ValueError(f"{label}: {err}") from None
-        layouts = self._layouts_of(group, list(group["params"]))
-        for i, p in enumerate(group["params"]):
-            # Each matrix of the layout (an expert, a q/k/v block) has a subspace of its own.
-            for shape in dict.fromkeys(layouts[i].block_shapes(tuple(p.shape))):
-                try:
-                    resolve_rank(group["rank"], shape)
-                except ValueError as err:
-                    raise ValueError(
-                        f"{label}: parameter {self._param_label(group, i)} of shape "
-                        f"{tuple(p.shape)} (a {shape[0]}x{shape[1]} matrix): {err}"
-                    ) from None
+        self._check_rank_per_matrix(group, label)  # a subspace per expert / q-k-v block
 
     # ------------------------------------------------------------------ hooks
     def _init_state(

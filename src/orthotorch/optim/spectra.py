@@ -263,11 +263,9 @@ class SPECTRA(Optimizer):
     def _layouts(group: dict[str, Any], params: list[Tensor]) -> list[MatrixLayout]:
         """Each parameter's matrix layout (``group["layouts"]`` from param_groups; else
         ``flatten``): an expert stack or a fused projection is clipped per matrix."""
-        specs = group.get("layouts")
-        if specs is None or group.get("algorithm") == "adamw":
+        if group.get("algorithm") == "adamw":
             return [parse_layout(None)] * len(params)
-        position = {id(p): i for i, p in enumerate(group["params"])}
-        return [parse_layout(specs[position[id(p)]]) for p in params]
+        return OrthogonalOptimizer._layouts_of(group, params)
 
     def _map(
         self, tensors: list[Tensor], c: float, layouts: list[MatrixLayout], scaled: bool = False
