@@ -86,6 +86,8 @@ class Dion(OrthogonalOptimizer):
         check_finite: raise on NaN/Inf gradients before changing anything.
         skip_nonfinite: skip (and count) updates of parameters with NaN/Inf gradients instead.
         distributed: ``"auto"`` or ``"off"``; see :class:`~orthotorch.optim.OrthogonalOptimizer`.
+        process_group, device_mesh, overlap: explicit topology (keyword-only), as in
+            :class:`~orthotorch.optim.OrthogonalOptimizer`.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(),
@@ -117,6 +119,7 @@ class Dion(OrthogonalOptimizer):
         check_finite: bool = True,
         skip_nonfinite: bool = False,
         distributed: str = "auto",
+        **topology: Any,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -137,6 +140,7 @@ class Dion(OrthogonalOptimizer):
             check_finite=check_finite,
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
+            **topology,
         )
 
     # ------------------------------------------------------------------ validation

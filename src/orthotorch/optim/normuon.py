@@ -98,6 +98,8 @@ class NorMuon(OrthogonalOptimizer):
         check_finite: raise on NaN/Inf gradients before changing anything.
         skip_nonfinite: skip (and count) updates of parameters with NaN/Inf gradients instead.
         distributed: ``"auto"`` or ``"off"``; see :class:`~orthotorch.optim.OrthogonalOptimizer`.
+        process_group, device_mesh, overlap: explicit topology (keyword-only), as in
+            :class:`~orthotorch.optim.OrthogonalOptimizer`.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(),
@@ -129,6 +131,7 @@ class NorMuon(OrthogonalOptimizer):
         check_finite: bool = True,
         skip_nonfinite: bool = False,
         distributed: str = "auto",
+        **topology: Any,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -150,6 +153,7 @@ class NorMuon(OrthogonalOptimizer):
             check_finite=check_finite,
             skip_nonfinite=skip_nonfinite,
             distributed=distributed,
+            **topology,
         )
 
     def _validate_orthogonal_group(self, group: dict[str, Any], label: str) -> None:
