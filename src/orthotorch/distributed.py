@@ -24,7 +24,8 @@ rank does ``1/world_size`` of the work:
   split over the replicated dimensions. With ``Topology.overlap`` the next bucket's exchange is
   in flight while the current one is processed.
 
-Ownership is round-robin over one counter, so ranks differ by at most one update per call, and
+Ownership is round-robin over one counter, one matrix at a time (each matrix of a layout, an
+expert or a q/k/v block, has its own owner), so ranks differ by at most one matrix per call, and
 every collective has matching sizes on every rank: a rank that owns fewer matrices of a shape
 sends zero padding rather than skipping the call — skipping would hang the others.
 
@@ -99,6 +100,7 @@ __all__ = [
     "CommStats",
     "DistributedMode",
     "Kernel",
+    "MeshLayouts",
     "Topology",
     "all_ranks_agree",
     "any_rank",
@@ -109,6 +111,7 @@ __all__ = [
     "map_owned",
     "placement_of",
     "replicated_world",
+    "row_block_dim",
     "row_range",
     "sum_across_shards_",
     "unsupported_layout",
@@ -205,6 +208,25 @@ def _is_replicated_dtensor(t: Tensor) -> bool:
     return is_dtensor(t) and t.device_mesh.ndim == 1 and t.placements[0] == Replicate()
 
 
+def row_block_dim(t: Tensor) -> int | None:
+    """The mesh dimension whose ``Shard(0)`` gives this rank a contiguous block of ``t``'s rows,
+    when every other mesh dimension replicates ``t`` (FSDP2's 1-D ``Shard(0)``, HSDP's
+    ``(Replicate(), Shard(0))``, a column-parallel weight's ``(Replicate(), Shard(0))``, an
+    expert-parallel mesh's ``(Shard(0), Replicate())``); else ``None`` (plain tensors too)."""
+    if not is_dtensor(t):
+        return None
+    dims = [d for d, p in enumerate(t.placements) if not isinstance(p, Replicate)]
+    if len(dims) == 1 and t.placements[dims[0]] == Shard(0):
+        return dims[0]
+    return None
+
+
+def _shards_rows_only(t: Tensor) -> bool:
+    """Every placement of DTensor ``t`` is ``Replicate``, ``Shard(0)`` or ``_StridedShard(0)``:
+    each rank holds whole rows (in some order), so per-row state shards with them."""
+    return all(isinstance(p, Replicate) or (_is_shard(p) and p.dim == 0) for p in t.placements)
+
+
 def _is_shard(placement: Any) -> bool:
     """``Shard(d)`` or FSDP2's strided ``_StridedShard(d)`` (both split a tensor dimension)."""
     return isinstance(placement, Shard) or (
@@ -220,13 +242,28 @@ def placement_of(t: Tensor) -> str:
     return f"{tuple(t.placements)} on mesh {tuple(t.device_mesh.shape)}"
 
 
-def unsupported_layout(t: Tensor, mesh_layouts: bool = True, mesh: Any = None) -> str | None:
+# What an optimizer's whole-matrix work and state can serve (``mesh_layouts`` of an optimizer):
+# True: any mix of Replicate / Shard(d) / _StridedShard(d) on a 1-D or 2-D mesh (map_matrices
+# alone); "rows": placements that split dim 0 only (per-row state packed beside the update, ARO);
+# "row_blocks": Replicate except one Shard(0) (contiguous row blocks: low-rank, Dion, NorMuon);
+# False: FSDP2's Shard(0) over a 1-D mesh only.
+MeshLayouts = bool | Literal["rows", "row_blocks"]
+_SERVED = {
+    "rows": "placements that shard dim 0 only (Replicate(), Shard(0), FSDP2's strided Shard(0))",
+    "row_blocks": "Replicate() with Shard(0) on one mesh dimension (FSDP2, HSDP, column-parallel)",
+    False: "Shard(0) over a 1-D mesh (FSDP2's default fully_shard)",
+}
+
+
+def unsupported_layout(t: Tensor, mesh_layouts: MeshLayouts = True, mesh: Any = None) -> str | None:
     """Why the sharded paths cannot handle parameter ``t``; for a clear error at construction.
 
-    ``None`` for plain tensors and for ``Shard(0)`` over a 1-D mesh (FSDP2's default); with
-    ``mesh_layouts`` (optimizers whose whole-matrix work goes through :func:`map_matrices`)
-    also for any mix of ``Replicate``, ``Shard(d)`` and ``_StridedShard(d)`` over a 1-D or
-    2-D mesh. ``mesh`` (an optimizer's ``device_mesh=``): ``t`` must live on it.
+    ``None`` for plain tensors and for what ``mesh_layouts`` serves (see :data:`MeshLayouts`):
+    ``True`` (optimizers whose whole-matrix work goes through :func:`map_matrices`): any mix of
+    ``Replicate``, ``Shard(d)`` and ``_StridedShard(d)`` over a 1-D or 2-D mesh; ``"rows"``:
+    those that split dim 0 only; ``"row_blocks"``: ``Replicate`` and one ``Shard(0)``;
+    ``False``: ``Shard(0)`` over a 1-D mesh. ``mesh`` (an optimizer's ``device_mesh=``): ``t``
+    must live on it.
     """
     if not is_dtensor(t):
         return None
@@ -240,29 +277,36 @@ def unsupported_layout(t: Tensor, mesh_layouts: bool = True, mesh: Any = None) -
         )
     if _is_row_sharded(t):
         return None
-    if not mesh_layouts:
-        return (
-            f"{where}; this optimizer keeps row-sharded state of its own and supports only "
-            "Shard(0) over a 1-D mesh (FSDP2's default fully_shard); orthotorch.Muon, ROOT, "
-            "AuON and SPECTRA take HSDP, tensor-parallel and 2-D meshes"
-        )
     bad = [p for p in t.placements if not (_is_shard(p) or isinstance(p, Replicate))]
     if bad or t.device_mesh.ndim > 2:
         return (
             f"{where}; supported are Replicate(), Shard(d) and FSDP2's strided Shard over a "
             "1-D or 2-D mesh (not Partial, which a parameter never is after backward)"
         )
-    return None
+    if mesh_layouts is True:
+        return None
+    if mesh_layouts == "rows" and _shards_rows_only(t):
+        return None
+    if mesh_layouts == "row_blocks" and row_block_dim(t) is not None:
+        return None
+    return (
+        f"{where}; this optimizer keeps per-row or per-matrix state of its own and supports "
+        f"only {_SERVED[mesh_layouts]}; orthotorch.Muon, ROOT, AuON and SPECTRA take every "
+        "HSDP, tensor-parallel and 2-D mesh placement"
+    )
 
 
 def row_range(t: Tensor) -> tuple[int, int]:
-    """Global ``[start, stop)`` of the rows this rank holds: a ``Shard(0)`` block, else all."""
-    if not _is_row_sharded(t):
+    """Global ``[start, stop)`` of the rows this rank holds: its ``Shard(0)`` block (on the mesh
+    dimension :func:`row_block_dim` names; the others replicate), else all rows."""
+    dim = row_block_dim(t)
+    if dim is None:
         return 0, t.shape[0]
     mesh = t.device_mesh
-    chunks = _row_chunks(t.shape[0], mesh.size())
-    start = sum(chunks[: mesh.get_local_rank()])
-    return start, start + chunks[mesh.get_local_rank()]
+    chunks = _row_chunks(t.shape[0], mesh.size(dim))
+    index = mesh.get_local_rank(dim)
+    start = sum(chunks[:index])
+    return start, start + chunks[index]
 
 
 def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
@@ -278,9 +322,10 @@ def zeros_state(
 ) -> Tensor:
     """Zero optimizer state of global ``shape`` laid out to match parameter ``like``.
 
-    A plain ``like`` gives a plain tensor. A ``DTensor`` ``like`` (FSDP2) gives a ``DTensor`` on
-    its mesh: sharded on dim 0 like the parameter when ``rows_sharded`` (``shape[0]`` must be the
-    parameter's row count, so the row blocks coincide), else replicated. Either way
+    A plain ``like`` gives a plain tensor. A ``DTensor`` ``like`` gives a ``DTensor`` on its
+    mesh: with ``like``'s placements when ``rows_sharded`` (``like`` must shard its dim 0 only,
+    see :func:`unsupported_layout`'s ``"rows"``, and ``shape[0]`` must be its row count, so
+    every rank's rows coincide), else replicated over every mesh dimension. Either way
     ``torch.distributed.checkpoint`` then saves and reshards the state like the parameter's.
     """
     dtype = like.dtype if dtype is None else dtype
@@ -288,12 +333,18 @@ def zeros_state(
         return torch.zeros(tuple(shape), dtype=dtype, device=like.device)
     shape = tuple(shape)
     if rows_sharded:
-        start, stop = row_range(like)
-        local_t = torch.zeros((stop - start, *shape[1:]), dtype=dtype, device=local(like).device)
-        placements = [Shard(0)]
+        if not _shards_rows_only(like) or shape[0] != like.shape[0]:
+            raise ValueError(
+                f"zeros_state: rows_sharded state of shape {shape} needs a parameter sharded "
+                f"on dim 0 only with {shape[0]} rows, got shape {tuple(like.shape)} with "
+                f"placements {tuple(like.placements)}"
+            )
+        rows = local(like).shape[0]
+        local_t = torch.zeros((rows, *shape[1:]), dtype=dtype, device=local(like).device)
+        placements = list(like.placements)
     else:
         local_t = torch.zeros(shape, dtype=dtype, device=local(like).device)
-        placements = [Replicate()]
+        placements = [Replicate()] * like.device_mesh.ndim
     return DTensor.from_local(
         local_t,
         like.device_mesh,
@@ -304,18 +355,23 @@ def zeros_state(
     )
 
 
-def wrap_like(t: Tensor, like: Tensor) -> Tensor:
-    """The local tensor ``t`` as a ``DTensor`` with ``like``'s mesh, placement and global shape
-    (``t`` itself when ``like`` is a plain tensor); no communication."""
+def wrap_like(t: Tensor, like: Tensor, shape: Sequence[int] | None = None) -> Tensor:
+    """The local tensor ``t`` as a ``DTensor`` with ``like``'s mesh, placements and global shape
+    (``t`` itself when ``like`` is a plain tensor); no communication.
+
+    ``shape``: another global shape (contiguous), for a tensor sharded like ``like`` along the
+    dimensions its placements split, e.g. per-row state packed beside a row-sharded momentum
+    (``like``'s placements must then split only dimensions ``shape`` shares with it).
+    """
     if not is_dtensor(like):
         return t
+    if shape is None:
+        shape, stride = like.shape, like.stride()
+    else:
+        shape = torch.Size(shape)
+        stride = _contiguous_stride(shape)
     return DTensor.from_local(
-        t,
-        like.device_mesh,
-        like.placements,
-        run_check=False,
-        shape=like.shape,
-        stride=like.stride(),
+        t, like.device_mesh, like.placements, run_check=False, shape=shape, stride=stride
     )
 
 
@@ -610,14 +666,60 @@ def _peers(mesh: Any, dims: tuple[int, ...]) -> _Peers:
 
 @dataclass
 class _Part:
-    """One update in the mesh path: its owner and where every shard peer's piece lies."""
+    """One matrix in the mesh path: its owner and where every shard peer's piece of it lies.
+
+    A ``flatten`` update is one matrix; an update with another layout (a fused q/k/v, an
+    expert stack sharded by rows or columns) is one part per matrix of the layout, each with
+    its own owner, so the work splits per matrix rather than per parameter.
+    """
 
     i: int  # position in map_matrices' updates
-    layout: MatrixLayout
+    shape: tuple[int, int]  # the matrix (out, in), as the layout sees it
     replica: int  # the replica slice (rank in the replicated-dims group) that owns it
     owner: int  # the owner's rank in that slice's shard group
-    maps: list[Tensor | slice]  # per shard-group rank: global flat indices of its piece
+    maps: list[Tensor | slice]  # per shard-group rank: flat positions of its piece in the matrix
     sizes: list[int]  # per shard-group rank: numel of its piece
+    sel: Tensor | slice | None  # flat positions of my piece in my local tensor (None: all)
+
+
+@lru_cache(maxsize=4096)
+def _block_maps(
+    shape: tuple[int, ...],
+    mesh_shape: tuple[int, ...],
+    placements: tuple,
+    coords: tuple[tuple[int, ...], ...],
+    device: torch.device,
+    layout: MatrixLayout,
+    block: int,
+) -> tuple[tuple[Tensor | slice, ...], tuple[Tensor | slice, ...]]:
+    """For matrix ``block`` of ``layout`` over a tensor of global ``shape``: per rank at mesh
+    coordinate ``coords[s]``, where its elements of the matrix lie in the matrix (flat,
+    row-major) and in its local tensor (flat). No communication; cached like
+    :func:`_index_map`."""
+    numel = math.prod(shape)
+    index = layout.matrices(torch.arange(numel, device=device).view(shape))[block]
+    inverse = torch.full((numel,), -1, dtype=torch.long, device=device)
+    inverse[index.reshape(-1)] = torch.arange(index.numel(), device=device)
+    dests, sels = [], []
+    for coord in coords:
+        held = _index_map(shape, mesh_shape, placements, coord, device)
+        position = inverse[held]
+        sel = (position >= 0).nonzero().squeeze(1)
+        dests.append(_as_slice(position[sel]))
+        sels.append(_as_slice(sel))
+    return tuple(dests), tuple(sels)
+
+
+def _as_slice(index: Tensor) -> Tensor | slice:
+    """``index`` as a ``slice`` when it is one contiguous ascending range (cheap copies)."""
+    first = int(index[0]) if index.numel() else 0
+    step = torch.arange(first, first + index.numel(), device=index.device)
+    return slice(first, first + index.numel()) if torch.equal(index, step) else index
+
+
+def _take(t: Tensor, sel: Tensor | slice | None) -> Tensor:
+    flat = t.reshape(-1)
+    return flat if sel is None else flat[sel]
 
 
 @dataclass
@@ -699,7 +801,7 @@ def _map_mesh(
                 results[i] = d
         rest = [i for i in index if i not in whole]
         if rest:
-            parts = _plan(updates, layouts, rest, shard, replica, counters[mesh])
+            parts = _plan(updates, layouts, rest, mesh, shard_dims, shard, replica, counters[mesh])
             counters[mesh] += len(parts)
             _exchange(
                 updates, parts, kernel, compute_dtype, scale, shard, replica, topology, results
@@ -711,33 +813,69 @@ def _plan(
     updates: list[Tensor],
     layouts: list[MatrixLayout],
     index: list[int],
+    mesh: Any,
+    shard_dims: tuple[int, ...],
     shard: _Peers,
     replica: _Peers,
     counter: int,
 ) -> list[_Part]:
-    """Owners round robin over all ranks of the mesh (same-shape updates adjacent, so they
-    batch on their owners); every rank computes the same plan, so collectives match."""
-    S, R = len(shard.coords), len(replica.coords)
-    order = sorted(index, key=lambda i: (tuple(updates[i].shape), str(layouts[i])))
+    """Owners round robin over the mesh's ranks in row-major order, one matrix at a time
+    (same-shape matrices adjacent, so they batch on their owners): every rank of the mesh
+    does its share +-1 matrix, whichever dimensions shard which update. Every rank computes
+    the same plan, so the collectives match."""
+    replica_dims = tuple(d for d in range(mesh.ndim) if d not in shard_dims)
+    owner_of = {tuple(c[d] for d in shard_dims): s for s, c in enumerate(shard.coords)}
+    replica_of = {tuple(c[d] for d in replica_dims): r for r, c in enumerate(replica.coords)}
+    entries = []
+    for i in index:
+        shapes = layouts[i].block_shapes(tuple(updates[i].shape))
+        for block, shape in enumerate(shapes):
+            entries.append((shape, tuple(updates[i].shape), str(layouts[i]), i, block))
+    entries.sort()
     parts = []
-    for j, i in enumerate(order):
+    for j, (shape, _, _, i, block) in enumerate(entries):
         u = updates[i]
-        replica_rank, owner = divmod((counter + j) % (S * R), S)
+        coord = _unravel((counter + j) % math.prod(mesh.shape), tuple(mesh.shape))
         key = (tuple(u.shape), tuple(u.device_mesh.shape), tuple(u.placements))
-        maps = [_index_map(*key, c, local(u).device) for c in shard.coords]
-        parts.append(_Part(i, layouts[i], replica_rank, owner, maps, [_numel(m) for m in maps]))
+        device = local(u).device
+        if layouts[i].is_flatten:
+            maps: Sequence[Tensor | slice] = [_index_map(*key, c, device) for c in shard.coords]
+            sel = None
+        else:
+            maps, sels = _block_maps(*key, shard.coords, device, layouts[i], block)
+            sel = sels[shard.me]
+        parts.append(
+            _Part(
+                i,
+                shape,
+                replica_of[tuple(coord[d] for d in replica_dims)],
+                owner_of[tuple(coord[d] for d in shard_dims)],
+                list(maps),
+                [_numel(m) for m in maps],
+                sel,
+            )
+        )
     return parts
 
 
-def _buckets(parts: list[_Part], updates: list[Tensor], dtype: torch.dtype) -> list[list[_Part]]:
+def _unravel(k: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    coord = []
+    for size in reversed(shape):
+        k, c = divmod(k, size)
+        coord.append(c)
+    return tuple(reversed(coord))
+
+
+def _buckets(parts: list[_Part], dtype: torch.dtype) -> list[list[_Part]]:
     buckets: list[list[_Part]] = [[]]
     size, limit = 0, BUCKET_BYTES // torch.empty(0, dtype=dtype).element_size()
     for part in parts:
-        if buckets[-1] and size + updates[part.i].numel() > limit:
+        numel = part.shape[0] * part.shape[1]
+        if buckets[-1] and size + numel > limit:
             buckets.append([])
             size = 0
         buckets[-1].append(part)
-        size += updates[part.i].numel()
+        size += numel
     return buckets
 
 
@@ -770,7 +908,7 @@ def _exchange(
         by_owner = [[p for p in slice_parts if p.owner == s] for s in range(S)]
         owned = by_owner[me]
         send = _cat(
-            [local(updates[p.i]).reshape(-1).to(dtype) for s in range(S) for p in by_owner[s]],
+            [_take(local(updates[p.i]), p.sel).to(dtype) for s in range(S) for p in by_owner[s]],
             dtype,
             device,
         )
@@ -783,11 +921,12 @@ def _exchange(
         slice_parts, send_sizes, recv_sizes, pending = sent
         owned = [p for p in slice_parts if p.owner == me]
         pieces = pending.wait().split(recv_sizes)
-        whole = [torch.empty(updates[p.i].shape, dtype=dtype, device=device) for p in owned]
+        whole = [torch.empty(p.shape, dtype=dtype, device=device) for p in owned]
         for s in range(S):
             for p, piece, full in zip(owned, pieces[s].split([p.sizes[s] for p in owned]), whole):
                 full.view(-1)[p.maps[s]] = piece
-        directions, _ = _map_plain(whole, [p.layout for p in owned], kernel, dtype, scale, None)
+        flat = [FLATTEN] * len(owned)
+        directions, _ = _map_plain(whole, flat, kernel, dtype, scale, None)
         back = _cat(
             [d.reshape(-1)[p.maps[s]] for s in range(S) for p, d in zip(owned, directions)],
             dtype,
@@ -806,17 +945,17 @@ def _exchange(
         for s in range(S):
             owned_by_s = [p for p in slice_parts if p.owner == s]
             for p, piece in zip(owned_by_s, by_owner[s].split([p.sizes[me] for p in owned_by_s])):
-                mine[p.i] = piece
+                mine[id(p)] = piece
         R = len(replica.coords)
         per_replica = [sum(p.sizes[me] for p in bucket if p.replica == r) for r in range(R)]
         # Same sizes on every rank of the replica group (same shard coordinate): an all-empty
         # gather (this rank's pieces of the bucket are empty shards) is skipped by all of them.
         if R == 1 or max(per_replica) == 0:
             empty = torch.empty(0, dtype=dtype, device=device)
-            return bucket, {p.i: mine.get(p.i, empty) for p in bucket}, None
+            return bucket, {id(p): mine.get(id(p), empty) for p in bucket}, None
         block = torch.zeros(max(per_replica), dtype=dtype, device=device)
         if slice_parts:
-            torch.cat([mine[p.i] for p in slice_parts], out=block[: per_replica[replica.me]])
+            torch.cat([mine[id(p)] for p in slice_parts], out=block[: per_replica[replica.me]])
         return bucket, per_replica, _start_all_gather(block, replica, overlap)
 
     def unpack(done: tuple) -> None:
@@ -830,17 +969,37 @@ def _exchange(
                 in_r = [p for p in bucket if p.replica == r]
                 sizes = [p.sizes[me] for p in in_r]
                 for p, piece in zip(in_r, block[: per_replica[r]].split(sizes)):
-                    pieces[p.i] = piece
+                    pieces[id(p)] = piece
         for p in bucket:
-            results[p.i] = pieces[p.i].reshape(local(updates[p.i]).shape)
+            if p.sel is None:
+                results[p.i] = pieces[id(p)].reshape(local(updates[p.i]).shape)
+            else:  # one matrix of a layout: its elements in this rank's local tensor
+                if p.i not in assembled:
+                    numel = local(updates[p.i]).numel()
+                    assembled[p.i] = torch.empty(numel, dtype=dtype, device=device)
+                assembled[p.i][p.sel] = pieces[id(p)]
 
-    buckets = _buckets(parts, updates, dtype)
+    # The matrices of a layout partition its tensor: every element is written once.
+    assembled: dict[int, Tensor] = {}
+    buckets = _buckets(parts, dtype)
     if not overlap:
         for bucket in buckets:
             unpack(complete(bucket, process(bucket, to_owners(bucket))))
-        return
-    # Pipeline: bucket k + 1's pieces travel while bucket k is processed; the returns and the
-    # replica gathers are all in flight before the first is waited for.
+    else:
+        _pipeline(buckets, to_owners, process, complete, unpack)
+    for i, flat_result in assembled.items():
+        results[i] = flat_result.view(local(updates[i]).shape)
+
+
+def _pipeline(
+    buckets: list[list[_Part]],
+    to_owners: Callable,
+    process: Callable,
+    complete: Callable,
+    unpack: Callable,
+) -> None:
+    """Bucket k + 1's pieces travel while bucket k is processed; the returns and the replica
+    gathers are all in flight before the first is waited for."""
     sent = to_owners(buckets[0])
     returned = []
     for k, bucket in enumerate(buckets):
