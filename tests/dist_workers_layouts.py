@@ -69,6 +69,9 @@ LAYOUTS: dict[str, tuple[tuple[int, ...], tuple[str, ...], Callable[[str], list]
         lambda name: [Shard(0), Shard(0)] if name == "experts" else [Shard(0), Replicate()],
     ),
     "replicate_2x2": ((2, 2), ("a", "b"), lambda name: [Replicate(), Replicate()]),
+    # FSDP2 over column-parallel TP only: every weight split by rows, strided (ARO's rotation
+    # shards with such rows).
+    "fsdp_tp_colwise_2x2": ((2, 2), ("dp", "tp"), lambda name: [_STRIDED, Shard(0)]),
 }
 
 # optimizer name -> (class, kwargs)
@@ -79,7 +82,58 @@ OPTIMIZERS: dict[str, tuple[str, dict]] = {
     "AuON": ("AuON", dict(lr=0.05)),
     "AuON-hybrid": ("AuON", dict(lr=0.05, hybrid=True, ns_dtype=torch.float32)),
     "SPECTRA": ("SPECTRA", dict(clip=0.5)),
+    # Optimizers with per-row / per-matrix state of their own (flatten layouts only for
+    # sharded weights; no column sharding). update_every=2: subspace refreshes at steps 0, 2, 4.
+    "ARO": ("ARO", dict(lr=0.02)),
+    "NorMuon": ("NorMuon", dict(lr=0.01, ns_dtype=torch.float32)),
+    "Dion": ("Dion", dict(lr=0.02, rank=0.5, qr_method="cholesky")),
+    "DCTAdamW": ("DCTAdamW", dict(lr=0.01, rank=0.25, update_every=2)),
+    "DCTAdamW-ortho": (
+        "DCTAdamW",
+        dict(lr=0.01, rank=0.5, update_every=2, orthogonalize=True, ns_dtype=torch.float32),
+    ),
+    "GaLoreAdamW": ("GaLoreAdamW", dict(lr=0.01, rank=0.25, update_every=2)),
 }
+# The weights these optimizers take sharded: all flatten (per-matrix state of a sharded expert
+# stack or fused projection is refused at construction).
+STATEFUL_SHAPES = ["q", "k", "up", "down", "gate", "conv", "wide"]
+# Placements that split rows only (ARO: its rotation shards with the rows) and row blocks on
+# one mesh dimension, the others replicated (low-rank, Dion, NorMuon).
+ROWS_LAYOUTS = [
+    "fsdp_1x4",
+    "replicate_1x4",
+    "hsdp_2x2",
+    "fsdp_tp_colwise_2x2",
+    "ep_2x2",
+    "replicate_2x2",
+]
+ROW_BLOCK_LAYOUTS = ["fsdp_1x4", "hsdp_2x2", "ep_2x2"]
+STATEFUL_LAYOUTS = {
+    "ARO": ROWS_LAYOUTS,
+    "NorMuon": ROW_BLOCK_LAYOUTS,
+    "Dion": ROW_BLOCK_LAYOUTS,
+    "DCTAdamW": ROW_BLOCK_LAYOUTS,
+    "DCTAdamW-ortho": ROW_BLOCK_LAYOUTS,
+    "GaLoreAdamW": ROW_BLOCK_LAYOUTS,
+}
+# Checkpoint chains (saved after each layout; the test process resumes the last on one rank).
+CHAINS = {"ARO": ("hsdp_2x2", "fsdp_1x4", "fsdp_tp_colwise_2x2")}
+DEFAULT_CHAIN = ("hsdp_2x2", "fsdp_1x4", "fsdp_tp_2x2")
+STATEFUL_CHAIN = ("hsdp_2x2", "fsdp_1x4", "ep_2x2")
+
+
+def names_for(opt_name: str) -> list[str]:
+    return STATEFUL_SHAPES if opt_name in STATEFUL_LAYOUTS else list(SHAPES)
+
+
+def layouts_for(opt_name: str) -> list[str]:
+    if opt_name in STATEFUL_LAYOUTS:
+        return STATEFUL_LAYOUTS[opt_name]
+    return [layout for layout in LAYOUTS if layout != "fsdp_tp_colwise_2x2"]
+
+
+def chain_for(opt_name: str) -> tuple[str, str, str]:
+    return CHAINS.get(opt_name, STATEFUL_CHAIN if opt_name in STATEFUL_LAYOUTS else DEFAULT_CHAIN)
 
 
 def initial(name: str) -> torch.Tensor:
@@ -158,12 +212,12 @@ def matrices_per_step(names: list[str]) -> int:
 # ---------------------------------------------------------------------------------- scenarios
 def scenario_layouts(rank: int, out: str, arg: str) -> dict:
     """Every layout x every optimizer of ``arg`` (comma-separated): 5 steps, compared with the
-    single-process run; per-rank matrices processed per step."""
-    names = list(SHAPES)
+    single-process run; per-rank matrices processed and bytes sent per step."""
     results: dict = {}
     for opt_name in arg.split(","):
+        names = names_for(opt_name)
         ref = reference(opt_name, names, range(STEPS)) if rank == 0 else None
-        for layout in LAYOUTS:
+        for layout in layouts_for(opt_name):
             params, _ = placed(layout, names)
             opt = make_optimizer(opt_name, list(params.values()), names)
             odist.STATS.reset()
@@ -171,12 +225,16 @@ def scenario_layouts(rank: int, out: str, arg: str) -> dict:
                 set_grads(params, step)
                 opt.step()
             got = {n: full(p.detach()) for n, p in params.items()}
-            entry = {"matrices": odist.STATS.matrices_processed / STEPS}
+            entry = {
+                "matrices": odist.STATS.matrices_processed / STEPS,
+                "bytes": odist.STATS.bytes_sent / STEPS,
+                "total_matrices": matrices_per_step(names),
+                "fp32_bytes": 4 * sum(initial(n).numel() for n in names),
+            }
             if rank == 0:
                 entry["err"] = {n: rel_err(got[n], ref[n]) for n in names}
                 entry["moved"] = min(rel_err(ref[n], initial(n)) for n in names)
             results[(opt_name, layout)] = entry
-    results["total_matrices"] = matrices_per_step(names)
     return results
 
 
@@ -243,14 +301,23 @@ def scenario_edge_cases(rank: int, out: str, arg: str) -> dict:
         start = {n: initial(n) + offset for n in small}
         results["group_reference"] = reference("Muon", small, range(STEPS), start)
 
-    # (3) Refusals at construction, naming the parameter and the placement.
+    # (3) Refusals at construction, naming the parameter and the placement: a row-parallel
+    # (Shard(1)) weight for the optimizers with per-row / per-matrix state; also a strided
+    # (FSDP + TP) one for those that need contiguous row blocks.
+    rowwise, _ = placed("tp_2x2", ["down"])
+    strided, _ = placed("fsdp_tp_colwise_2x2", ["up"])
+    for cls in ("ARO", "NorMuon", "Dion", "DCTAdamW", "GaLoreAdamW"):
+        cases = [("rowwise", rowwise, "down")]
+        if cls != "ARO":
+            cases.append(("strided", strided, "up"))
+        for kind, held, name in cases:
+            try:
+                group = {"params": list(held.values()), "param_names": [name]}
+                getattr(orthotorch, cls)([group])
+                results[f"refused_{cls}_{kind}"] = ""
+            except ValueError as err:
+                results[f"refused_{cls}_{kind}"] = str(err)
     hsdp, _ = placed("hsdp_2x2", ["q"])
-    for cls in ("ARO", "DCTAdamW"):
-        try:
-            getattr(orthotorch, cls)([{"params": list(hsdp.values()), "param_names": ["q"]}])
-            results[f"refused_{cls}"] = ""
-        except ValueError as err:
-            results[f"refused_{cls}"] = str(err)
     try:
         orthotorch.Muon(list(hsdp.values()), device_mesh=mesh2d["pair"])
         results["refused_mesh"] = ""
@@ -326,19 +393,21 @@ def _save(model: nn.Module, opt, path: str) -> None:
 
 
 def scenario_checkpoint(rank: int, out: str, arg: str) -> dict:
-    """HSDP 2x2 (2 steps) -> save -> FSDP 1x4 (1 step) -> save -> FSDP+TP 2x2 (1 step) -> save;
-    the test process loads the last checkpoint on one process and takes step 5."""
-    names = list(SHAPES)
+    """HSDP 2x2 (2 steps) -> save -> FSDP 1x4 (1 step) -> save -> a third 2x2 layout (FSDP+TP,
+    or the optimizer's :func:`chain_for`; 1 step) -> save; the test process loads the last
+    checkpoint on one process and takes step 5."""
     for opt_name in arg.split(","):
+        names = names_for(opt_name)
+        first, second, third = chain_for(opt_name)
         base = os.path.join(out, opt_name)
-        params, _ = placed("hsdp_2x2", names)
+        params, _ = placed(first, names)
         model = Holder(params)
         opt = make_optimizer(opt_name, [getattr(model, n) for n in names], names)
         for step in range(2):
             set_grads(params, step)
             opt.step()
-        _save(model, opt, os.path.join(base, "hsdp"))
-        for layout, source, step in (("fsdp_1x4", "hsdp", 2), ("fsdp_tp_2x2", "fsdp_1x4", 3)):
+        _save(model, opt, os.path.join(base, first))
+        for layout, source, step in ((second, first, 2), (third, second, 3)):
             params, _ = placed(layout, names)  # initial values, overwritten by the load
             model, opt = _load(opt_name, params, names, os.path.join(base, source))
             set_grads({n: getattr(model, n) for n in names}, step)
@@ -348,10 +417,12 @@ def scenario_checkpoint(rank: int, out: str, arg: str) -> dict:
 
 
 def resume_single_process(out: str, opt_name: str) -> dict[str, torch.Tensor]:
-    """Load the FSDP+TP checkpoint into one process (no process group) and take step 5."""
-    names = list(SHAPES)
+    """Load the last checkpoint of the chain into one process (no process group) and take
+    step 5."""
+    names = names_for(opt_name)
     params = {n: nn.Parameter(torch.zeros(SHAPES[n][0])) for n in names}
-    model, opt = _load(opt_name, params, names, os.path.join(out, opt_name, "fsdp_tp_2x2"))
+    last = chain_for(opt_name)[-1]
+    model, opt = _load(opt_name, params, names, os.path.join(out, opt_name, last))
     live = {n: getattr(model, n) for n in names}
     set_grads(live, 4)
     opt.step()

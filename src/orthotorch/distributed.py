@@ -204,10 +204,6 @@ def _is_row_sharded(t: Tensor) -> bool:
     return is_dtensor(t) and t.device_mesh.ndim == 1 and t.placements[0] == Shard(0)
 
 
-def _is_replicated_dtensor(t: Tensor) -> bool:
-    return is_dtensor(t) and t.device_mesh.ndim == 1 and t.placements[0] == Replicate()
-
-
 def row_block_dim(t: Tensor) -> int | None:
     """The mesh dimension whose ``Shard(0)`` gives this rank a contiguous block of ``t``'s rows,
     when every other mesh dimension replicates ``t`` (FSDP2's 1-D ``Shard(0)``, HSDP's
@@ -447,12 +443,14 @@ def _check_group(tensors: Sequence[Tensor], mode: str | Topology) -> tuple[bool,
     return dist.get_world_size(group) > 1, group
 
 
-def _group_of(tensors: Sequence[Tensor]) -> Any:
-    """The group spanning the first DTensor's mesh (``None``: no DTensor)."""
-    for t in tensors:
-        if is_dtensor(t):
-            return _mesh_group(t.device_mesh, tuple(range(t.device_mesh.ndim)))
-    return None
+def _shard_group(t: Tensor) -> Any:
+    """The group of the ranks holding the other shards of DTensor ``t`` (those that differ
+    from this one along the mesh dimensions that shard it): ``None`` when none does."""
+    mesh = t.device_mesh
+    dims = tuple(d for d, p in enumerate(t.placements) if not isinstance(p, Replicate))
+    if not dims or math.prod(mesh.shape[d] for d in dims) == 1:
+        return None
+    return _mesh_group(mesh, dims)
 
 
 def any_rank(flags: Tensor, tensors: Sequence[Tensor], mode: str | Topology) -> Tensor:
@@ -585,23 +583,24 @@ def _assemble(
     return out
 
 
-def _mesh_of(tensors: Sequence[Tensor], what: str, allow_replicated: bool) -> Any:
-    """The one 1-D mesh of ``tensors``; ``ValueError`` naming the first unsupported layout."""
-    mesh = None
+def _row_blocks_of(tensors: Sequence[Tensor], what: str) -> tuple[Any, int]:
+    """``(mesh, dim)`` shared by ``tensors``, all row blocks (:func:`row_block_dim`) on the same
+    mesh dimension; ``ValueError`` naming the first that is not."""
+    found = None
     for t in tensors:
-        ok = _is_row_sharded(t) or (allow_replicated and _is_replicated_dtensor(t))
-        if ok and mesh is not None and t.device_mesh != mesh:
-            ok = False
-        if not ok:
+        dim = row_block_dim(t)
+        here = None if dim is None else (t.device_mesh, dim)
+        if here is None or (found is not None and here != found):
             placement = getattr(t, "placements", "plain tensor")
-            layouts = "sharded on dim 0 or replicated" if allow_replicated else "sharded on dim 0"
             raise ValueError(
-                f"{what} supports DTensors {layouts} over one 1-D mesh (FSDP2's default); got "
-                f"shape {tuple(t.shape)} with {placement}. Do not mix DTensor and plain "
-                "parameters in one orthogonalized group."
+                f"{what} supports DTensors sharded on dim 0 along one mesh dimension (the "
+                "others replicated) and all alike; got shape "
+                f"{tuple(t.shape)} with {placement}. Do not mix DTensor and plain parameters "
+                "in one group."
             )
-        mesh = t.device_mesh
-    return mesh
+        found = here
+    assert found is not None
+    return found
 
 
 # ----------------------------------------------------------------- any mesh: owners over the mesh
@@ -1120,10 +1119,16 @@ class _Exchange:
 
 
 def _to_owners(
-    shards: list[Tensor], rows: int, cols: int, owners: list[int], mesh: Any, dtype: torch.dtype
+    shards: list[Tensor],
+    rows: int,
+    cols: int,
+    owners: list[int],
+    peers: tuple[int, int, Any],
+    dtype: torch.dtype,
 ) -> tuple[Tensor, _Exchange]:
-    """All-to-all of row shards: returns ``(len(mine), rows, cols)``, the matrices I own, whole."""
-    world, rank = mesh.size(), mesh.get_local_rank()
+    """All-to-all of row shards over ``peers = (rank, world, group)``: returns
+    ``(len(mine), rows, cols)``, the matrices I own, whole."""
+    rank, world, group = peers
     chunks = _row_chunks(rows, world)
     mine = [i for i, owner in enumerate(owners) if owner == rank]
     device = shards[0].device
@@ -1146,7 +1151,7 @@ def _to_owners(
         send_sizes=[chunks[rank] * cols * owners.count(r) for r in range(world)],
         recv_sizes=[chunks[s] * cols * len(mine) for s in range(world)],
     )
-    recv = _all_to_all(send, ex.send_sizes, ex.recv_sizes, mesh.get_group(), rank)
+    recv = _all_to_all(send, ex.send_sizes, ex.recv_sizes, group, rank)
     # Row blocks of a contiguous parameter-orientation buffer: cheap copies.
     pieces = list(recv.split(ex.recv_sizes))
     full = torch.empty((len(mine), rows, cols), dtype=dtype, device=device)
@@ -1198,8 +1203,10 @@ def map_owned(
     if not inputs:
         return []
     if any(is_dtensor(t) for t in inputs):
-        mesh = _mesh_of(inputs, "map_owned", allow_replicated=False)
-        rank, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
+        mesh, dim = _row_blocks_of(inputs, "map_owned")
+        # The replicas (other mesh dimensions) each repeat the same exchange among their
+        # shards: the results are equal everywhere without a collective across replicas.
+        rank, world, group = mesh.get_local_rank(dim), mesh.size(dim), mesh.get_group(dim)
     else:
         replicated = _replicated(mode)
         if replicated is None:
@@ -1218,7 +1225,7 @@ def map_owned(
             chunks = _row_chunks(rows, world)
             shards = [local(inputs[i]).reshape(chunks[rank], cols) for i in index]
             bucket_owners = [owners[i] for i in index]
-            full, ex = _to_owners(shards, rows, cols, bucket_owners, mesh, dtype)
+            full, ex = _to_owners(shards, rows, cols, bucket_owners, (rank, world, group), dtype)
             for j, X in zip(ex.mine, full.unbind(0), strict=True):
                 results[index[j]] = fn(index[j], X)
     STATS.owned_results += sum(owner == rank for owner in owners)
@@ -1260,18 +1267,30 @@ def _share(
 
 
 def sum_across_shards_(partials: list[Tensor], like: Sequence[Tensor]) -> None:
-    """In place, each tensor becomes the sum of its values over the ranks of ``like``'s mesh.
+    """In place, each tensor becomes the sum of its values over the shards of ``like``.
 
     For a projection on the sharded side of a row-sharded ``G``:
-    ``P^T G = sum_s P[rows_s]^T G[rows_s]``, each rank holding one term. One ``all_reduce``
-    per dtype; ``bytes_sent`` counts the ring algorithm's ``2 (W - 1) / W`` of the buffer (the
-    least any all-reduce sends; the backend may send more).
+    ``P^T G = sum_s P[rows_s]^T G[rows_s]``, each rank holding one term. The sum runs over the
+    ranks that hold the other shards of a ``DTensor`` (the mesh dimensions that shard it; a
+    replicated dimension, HSDP's, already holds equal terms). ``like`` parallel to
+    ``partials`` (same length): each partial is summed over its own tensor's shards; else all
+    over the first ``DTensor``'s. One ``all_reduce`` per group and dtype; ``bytes_sent``
+    counts the ring algorithm's ``2 (W - 1) / W`` of the buffer (the least any all-reduce
+    sends; the backend may send more).
     """
-    group = _group_of(like)
-    if group is None or not partials:
+    if not partials:
         return
-    world = dist.get_world_size(group)
-    for index in _positions([t.dtype for t in partials]).values():
+    if len(like) == len(partials):
+        groups = [_shard_group(t) if is_dtensor(t) else None for t in like]
+    else:
+        first = next((t for t in like if is_dtensor(t)), None)
+        groups = [None if first is None else _shard_group(first)] * len(partials)
+    keys = [(id(g), t.dtype) for g, t in zip(groups, partials, strict=True)]
+    for index in _positions(keys).values():
+        group = groups[index[0]]
+        if group is None:
+            continue
+        world = dist.get_world_size(group)
         flat = torch.cat([partials[i].reshape(-1) for i in index])
         dist.all_reduce(flat, group=group)
         STATS.collectives += 1

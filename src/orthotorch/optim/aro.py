@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import distributed as dist
 from ..functional import MatrixLayout, matrix_shape
-from ..functional.aro import MATMUL_DTYPES, RMS_SCALE, aro_kernel, pack, rotation_layout
+from ..functional.aro import MATMUL_DTYPES, RMS_SCALE, aro_kernel, rotation_layout
 from ._base import OrthogonalOptimizer, check_range
 
 __all__ = ["ARO"]
@@ -44,11 +44,14 @@ class ARO(OrthogonalOptimizer):
     Distribution: the rotation travels with the momentum through
     :func:`orthotorch.distributed.map_matrices`, packed beside it as ``[M | R_rows]``, so each
     matrix's kernel runs on one owner rank. Under DDP every rank receives every new rotation
-    (the replicated state stays identical); under FSDP2 (``DTensor`` parameters sharded on dim
-    0) the rotation is a ``DTensor`` sharded like the parameter's rows, the owner assembles the
-    whole ``[M | R]`` and each rank gets back its rows of the direction and of the new rotation.
-    The row layout is the same with and without sharding, so ``torch.distributed.checkpoint``
-    state reshards across world sizes.
+    (the replicated state stays identical); for ``DTensor`` parameters whose placements split
+    rows only (FSDP2's ``Shard(0)``, HSDP's ``(Replicate(), Shard(0))``, FSDP2 over a
+    column-parallel weight's strided ``Shard(0)``, replicated meshes) the rotation is a
+    ``DTensor`` with the parameter's placements, the owner assembles the whole ``[M | R]`` and
+    each rank gets back its rows of the direction and of the new rotation; replicated mesh
+    dimensions split the owners' work. Column-sharded (row-parallel ``Shard(1)``) weights are
+    refused at construction. The row layout is the same with and without sharding, so
+    ``torch.distributed.checkpoint`` state reshards across layouts and world sizes.
 
     Reference: Gong et al., "ARO: A New Lens On Matrix Optimization For Large Models" (2026,
     arXiv:2602.09006); Scetbon et al., "Gradient
@@ -85,8 +88,9 @@ class ARO(OrthogonalOptimizer):
     """
 
     algorithm = "aro"
-    # The rotation is row-sharded state packed beside the momentum: FSDP2's 1-D Shard(0) only.
-    mesh_layouts = False
+    # The rotation is per-row state packed beside the momentum: any placement that splits rows
+    # only (FSDP2, HSDP, FSDP + column-parallel TP's strided Shard(0), replicated meshes).
+    mesh_layouts = "rows"
     block_state = True  # a rotation per matrix: each expert / q-k-v block has its own
 
     def __init__(
@@ -149,11 +153,11 @@ class ARO(OrthogonalOptimizer):
         for p, state in zip(params, states, strict=True):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                rows, c = rotation_layout(matrix_shape(p.shape))
-                # Zeros mean R_0 = I. A slice of the parameter as the template makes the
-                # rotation a DTensor with the parameter's row sharding under FSDP2, created
-                # without communication (c <= cols always).
-                state["rotation"] = torch.zeros_like(p.detach().reshape(rows, -1)[:, :c])
+                # Zeros mean R_0 = I. For a DTensor parameter the rotation is a DTensor with its
+                # placements (its rows where the parameter's rows are), made without
+                # communication.
+                shape = rotation_layout(matrix_shape(p.shape))
+                state["rotation"] = dist.zeros_state(shape, p, rows_sharded=True)
                 state["step"] = 0  # ARO updates taken; a host int, so reading it never syncs
 
     def _momentum(
@@ -173,7 +177,17 @@ class ARO(OrthogonalOptimizer):
         # QR has no bf16 kernel, and the rotation is accumulated: compute in float32 at least.
         compute = torch.float64 if momenta[0].dtype == torch.float64 else torch.float32
         rotations = [s["rotation"] for s in states]
-        packed = [pack(M, R.to(compute)) for M, R in zip(momenta, rotations, strict=True)]
+        # Packed locally: [M | R] shards by rows exactly as M does (any placement that splits
+        # rows only), so the local pieces are wrapped with M's placements, no communication.
+        # (functional.aro.pack on the local rows, with explicit sizes: an empty shard has
+        # no -1 to infer.)
+        packed = []
+        for M, R in zip(momenta, rotations, strict=True):
+            R_local = dist.local(R)
+            M_local = dist.local(M).reshape(R_local.shape[0], matrix_shape(M.shape)[1])
+            piece = torch.cat([M_local.to(compute), R_local.to(compute)], dim=-1)
+            shape = (M.shape[0], M_local.shape[1] + R.shape[1])
+            packed.append(dist.wrap_like(piece, M, shape))
         # Matrices whose rotation is refreshed this step, and the others (rotation_every > 1):
         # one map_matrices call each. Step counts are identical on every rank (skips are
         # agreed across ranks), so every rank makes the same calls.

@@ -48,11 +48,12 @@ class Dion(OrthogonalOptimizer):
 
     Distribution: under DDP every rank runs every matrix (gradients are already averaged, the
     low-rank step is cheap, and no collective is needed; the state stays identical because the
-    inputs are). Under FSDP2 (``Shard(0)``) nothing of size ``m x n`` is gathered: each rank
-    works on its rows and only ``r``-column factors are all-reduced (``S P``, ``P^T P`` and
-    ``R`` for a tall weight; ``M^T Q`` and ``r`` column norms for a wide one), through
-    :func:`orthotorch.distributed.sum_across_shards_`. ``Q`` is then a ``DTensor``: replicated
-    for a tall weight, sharded like the rows for a wide one.
+    inputs are). Under FSDP2 (``Shard(0)``, also HSDP's ``(Replicate(), Shard(0))`` and a
+    column-parallel weight, whose replicas repeat the same work) nothing of size ``m x n`` is
+    gathered: each rank works on its rows and only ``r``-column factors are all-reduced
+    (``S P``, ``P^T P`` and ``R`` for a tall weight; ``M^T Q`` and ``r`` column norms for a
+    wide one), through :func:`orthotorch.distributed.sum_across_shards_`. ``Q`` is then a
+    ``DTensor``: replicated for a tall weight, sharded like the rows for a wide one.
 
     Weights with more than two dimensions are handled as ``(shape[0], prod(shape[1:]))``
     matrices; under other matrix layouts each expert / split block keeps its own ``Q`` (plain
@@ -96,9 +97,9 @@ class Dion(OrthogonalOptimizer):
     """
 
     algorithm = "dion"
-    # The factor all-reduces assume row shards: Shard(0) over a 1-D mesh (FSDP2) only;
-    # HSDP / tensor-parallel placements are refused at construction.
-    mesh_layouts = False
+    # The factor all-reduces assume row blocks: Replicate() with Shard(0) on one mesh dimension
+    # (FSDP2, HSDP, column-parallel); Shard(1) is refused at construction.
+    mesh_layouts = "row_blocks"
     block_state = True  # a factor Q per matrix: each expert / q-k-v block has its own
 
     def __init__(
@@ -214,9 +215,12 @@ class Dion(OrthogonalOptimizer):
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, M in enumerate(momenta):
             r = states[i]["Q"].shape[1]
-            buckets[(matrix_shape(M.shape), r, dist.is_dtensor(M), M.dtype)].append(i)
+            # The placement too: a stack is reduced over one group of shards.
+            key = (matrix_shape(M.shape), r, dist.placement_of(M), M.dtype)
+            buckets[key].append(i)
         directions: list[Tensor] = [None] * len(momenta)  # type: ignore[list-item]
-        for (shape, _, sharded, dtype), index in buckets.items():
+        for (shape, _, placement, dtype), index in buckets.items():
+            sharded = placement != "plain"
             compute = torch.float64 if dtype == torch.float64 else torch.float32
             like = [momenta[i] for i in index]
             locals_ = [dist.local(M) for M in like]

@@ -10,7 +10,9 @@ Distributed (all communication through :mod:`orthotorch.distributed`):
   construction and the costly SVDs are split over the ranks; with ``orthogonalize=True`` each
   rank runs Newton–Schulz on its share of the projected momenta (``map_matrices``). The
   projections and Adam moments are small and computed on every rank.
-- **FSDP2** (``DTensor`` weights sharded by rows): a tall weight (``m > n``) is projected on its
+- **FSDP2** (``DTensor`` weights sharded by rows; also HSDP's ``(Replicate(), Shard(0))`` and
+  column-parallel weights, whose replicas repeat the shards' computation, so the replicated
+  state stays equal without communication): a tall weight (``m > n``) is projected on its
   columns, which every row shard holds whole: its ``m x r`` moments are row-sharded like the
   weight and Adam needs no communication. A wide weight is projected on its sharded rows: the
   projection ``P^T G`` is all-reduced from per-shard terms (``r x n``), its moments are
@@ -87,8 +89,9 @@ class _LowRankAdamW(OrthogonalOptimizer):
     """
 
     finder: ClassVar[SubspaceFinder]
-    # Row-sharded moments and projections of their own: FSDP2's 1-D Shard(0) only.
-    mesh_layouts = False
+    # Row-sharded moments and projections of their own: Replicate() with Shard(0) on one mesh
+    # dimension (FSDP2, HSDP, column-parallel); Shard(1) is refused at construction.
+    mesh_layouts = "row_blocks"
     block_state = True  # a subspace per matrix: each expert / q-k-v block has its own
 
     def __init__(
