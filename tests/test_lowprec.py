@@ -134,5 +134,67 @@ def test_bf16_momentum_trains_like_float32() -> None:
 
 
 def test_bad_momentum_dtype_raises_at_construction() -> None:
-    with pytest.raises(ValueError, match=r"momentum_dtype must be None .* or torch.bfloat16"):
+    with pytest.raises(
+        ValueError, match=r"momentum_dtype must be None .*torch.bfloat16 .* or torch.float32"
+    ):
         _model_and_optimizer(torch.float16)
+
+
+def _adamw_model_and_optimizer(momentum_dtype):
+    import orthotorch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 32), torch.nn.Linear(32, 50))
+    groups = orthotorch.param_groups(
+        model, adamw={"momentum_dtype": momentum_dtype} if momentum_dtype else None
+    )
+    return model, orthotorch.Muon(groups, lr=0.02, adamw_lr=1e-2)
+
+
+def test_adamw_group_bf16_first_moment_resumes_bitwise_and_trains_like_float32() -> None:
+    import copy
+
+    model, opt = _adamw_model_and_optimizer(torch.bfloat16)
+    _steps(model, opt, range(3))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _steps(model, opt, range(3, 6))
+    resumed, opt2 = _adamw_model_and_optimizer(torch.bfloat16)
+    resumed.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    _steps(resumed, opt2, range(3, 6))
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+    embedding = model[0].weight
+    state = opt.state[embedding]
+    assert state["exp_avg"].dtype == torch.bfloat16
+    assert state["exp_avg_sq"].dtype == torch.float32  # the second moment stays float32
+
+    full, full_opt = _adamw_model_and_optimizer(None)
+    _steps(full, full_opt, range(6))
+    diff = (full[0].weight - embedding).norm() / full[0].weight.norm()
+    assert diff < 1e-2
+
+
+def test_adamw_group_momentum_dtype_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"momentum_dtype of an AdamW group .* got torch.float16"):
+        _adamw_model_and_optimizer(torch.float16)
+
+
+def test_float32_momentum_for_bf16_parameters() -> None:
+    """``momentum_dtype=torch.float32`` keeps the momentum of bf16 weights in float32 (resumed
+    as float32: ``Optimizer.load_state_dict`` would round it to bf16)."""
+    import orthotorch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 48)).bfloat16()
+    opt = orthotorch.Muon(orthotorch.param_groups(model, momentum_dtype=torch.float32))
+    for seed in range(2):
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        opt.step()
+    buf = opt.state[model[0].weight]["momentum_buffer"]
+    assert buf.dtype == torch.float32
+    opt.load_state_dict(opt.state_dict())
+    assert torch.equal(opt.state[model[0].weight]["momentum_buffer"], buf)

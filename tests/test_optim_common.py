@@ -327,3 +327,96 @@ def test_another_optimizers_checkpoint_is_refused_on_load(saver: OptimizerInfo) 
             target.load_state_dict(checkpoint)
         assert target.state_dict() == before
         train(model, target, steps=1)  # and it still works
+
+
+def _bf16_twins(info: OptimizerInfo, **overrides):
+    """A bf16 model with master weights and a float32 copy of it, with their optimizers."""
+    torch.manual_seed(0)
+    half = small_cnn().to(torch.bfloat16)
+    full = copy.deepcopy(half).float()
+    return (
+        half,
+        make(info, half, master_weights=True, **overrides),
+        full,
+        make(info, full, **overrides),
+    )
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_master_weights_train_like_float32(info: OptimizerInfo) -> None:
+    """With ``master_weights`` a bf16 model's float32 copies take exactly the float32 run's
+    steps (given the same gradients), and each parameter is its copy rounded to bf16."""
+    half, opt_half, full, opt_full = _bf16_twins(info)
+    for t in range(3):
+        x, y = batch(t)
+        opt_half.zero_grad()
+        nn.functional.cross_entropy(half(x.bfloat16()), y).backward()
+        for p, q in zip(half.parameters(), full.parameters(), strict=True):
+            q.grad = p.grad.float()
+        opt_half.step()
+        opt_full.step()
+    for p, q in zip(half.parameters(), full.parameters(), strict=True):
+        assert p.dtype == torch.bfloat16
+        master = opt_half.state[p]["master_weight"]
+        assert master.dtype == torch.float32
+        torch.testing.assert_close(master, q, rtol=0, atol=0)
+        assert torch.equal(p, master.to(torch.bfloat16))
+    for state in opt_half.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.ndim > 0 and value.is_floating_point():
+                assert value.dtype == torch.float32, key
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_master_weights_keep_updates_below_bf16_resolution(info: OptimizerInfo) -> None:
+    """At a small lr most bf16 entries do not move in one step; the float32 copy does."""
+    moved = {}
+    for master_weights in (False, True):
+        torch.manual_seed(0)
+        half = small_cnn().to(torch.bfloat16)
+        opt = make(info, half, lr=1e-5, master_weights=master_weights)
+        weight = next(half.parameters())  # the convolution kernel: an orthogonalized matrix
+        before = weight.detach().float().clone()
+        x, y = batch()
+        nn.functional.cross_entropy(half(x.bfloat16()), y).backward()
+        opt.step()
+        after = opt.state[weight]["master_weight"] if master_weights else weight.float()
+        moved[master_weights] = (after != before).float().mean().item()
+    assert moved[True] > 0.75 > 0.25 > moved[False]
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=ids)
+def test_master_weights_resume_bitwise(info: OptimizerInfo) -> None:
+    """The float32 copies and float32 state come back from a checkpoint as float32
+    (``Optimizer.load_state_dict`` alone would round them to the bf16 parameters' dtype)."""
+    half, opt, _, _ = _bf16_twins(info)
+
+    def steps(model, optimizer, start):
+        for t in range(start, start + 3):
+            x, y = batch(t % 4)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x.bfloat16()), y).backward()
+            optimizer.step()
+
+    steps(half, opt, 0)
+    buffer = io.BytesIO()
+    torch.save({"model": half.state_dict(), "opt": opt.state_dict()}, buffer)
+    steps(half, opt, 3)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    resumed = small_cnn().to(torch.bfloat16)
+    resumed.load_state_dict(saved["model"])
+    opt2 = make(info, resumed, master_weights=True)
+    opt2.load_state_dict(saved["opt"])
+    for p in resumed.parameters():
+        assert opt2.state[p]["master_weight"].dtype == torch.float32
+    steps(resumed, opt2, 3)
+    for a, b in zip(half.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["master_weight"], opt2.state[b]["master_weight"])
+
+
+def test_master_weights_must_be_a_bool() -> None:
+    model = small_cnn()
+    with pytest.raises(ValueError, match=r"master_weights must be True or False, got 1"):
+        orthotorch.Muon(orthotorch.param_groups(model), master_weights=1)

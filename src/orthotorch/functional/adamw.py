@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from .lowprec import lowprec_lerp_
+
 
 def adamw_step_(
     params: list[Tensor],
@@ -31,14 +33,24 @@ def adamw_step_(
     beta2: float,
     eps: float,
     weight_decay: float,
+    exp_avg_seeds: list[int] | None = None,
 ) -> None:
-    """One AdamW step, in place on ``params``, moments and step counters (CPU scalar tensors)."""
+    """One AdamW step, in place on ``params``, moments and step counters (CPU scalar tensors).
+
+    ``exp_avg_seeds``: the first moments are bfloat16 buffers, updated in float32 and stored
+    with stochastic rounding (:func:`~orthotorch.functional.lowprec.lowprec_lerp_`, one seed per
+    buffer); the step uses the unrounded float32 moment. The second moment is never stored in
+    low precision: its small increments set the step's denominator.
+    """
     if not params:
         return
     torch._foreach_add_(steps, 1)
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    if exp_avg_seeds is None:
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    else:
+        exp_avgs = lowprec_lerp_(exp_avgs, grads, 1 - beta1, exp_avg_seeds)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     if torch.compiler.is_compiling():

@@ -26,6 +26,7 @@ from torch import Tensor
 
 __all__ = [
     "LOW_PRECISION_DTYPES",
+    "lowprec_lerp_",
     "lowprec_momentum_",
     "rounding_seed",
     "stochastic_round_",
@@ -66,6 +67,30 @@ def stochastic_round_(out: Tensor, x: Tensor, generator: torch.Generator) -> Ten
     return out
 
 
+def lowprec_lerp_(
+    bufs: list[Tensor], grads: list[Tensor], weight: float, seeds: list[int]
+) -> list[Tensor]:
+    """``B <- SR(lerp(B, G, weight))`` on bf16 buffers; returns the float32 values before rounding.
+
+    The moving average of both bf16 states: the momentum buffer of the orthogonalized groups and
+    AdamW's first moment. The arithmetic is float32; only the stored buffers are rounded
+    (:func:`stochastic_round_`, one generator per buffer seeded by ``seeds``), and the caller
+    steps with the returned unrounded values.
+    """
+    if not (len(grads) == len(bufs) == len(seeds)):
+        raise ValueError(
+            f"grads, bufs and seeds must have equal lengths, got {len(grads)}, {len(bufs)}, "
+            f"{len(seeds)}"
+        )
+    out = []
+    for g, b, seed in zip(grads, bufs, seeds, strict=True):
+        m32 = b.float().lerp_(g.float(), weight)
+        generator = torch.Generator(device=b.device).manual_seed(seed)
+        stochastic_round_(b, m32, generator)
+        out.append(m32)
+    return out
+
+
 def lowprec_momentum_(
     grads: list[Tensor],
     bufs: list[Tensor],
@@ -80,18 +105,10 @@ def lowprec_momentum_(
     float32 value before rounding, in the gradients' dtype. ``seeds`` (one per buffer, e.g. from
     :func:`rounding_seed`) make the rounding reproducible.
     """
-    if not (len(grads) == len(bufs) == len(seeds)):
-        raise ValueError(
-            f"grads, bufs and seeds must have equal lengths, got {len(grads)}, {len(bufs)}, "
-            f"{len(seeds)}"
-        )
+    momenta = lowprec_lerp_(bufs, grads, 1 - momentum, seeds)
     out = []
-    for g, b, seed in zip(grads, bufs, seeds, strict=True):
-        g32 = g.float()
-        m32 = b.float().lerp_(g32, 1 - momentum)
-        generator = torch.Generator(device=b.device).manual_seed(seed)
-        stochastic_round_(b, m32, generator)
-        # Out of place: g32 is the gradient itself when it is float32 already.
-        step = torch.lerp(g32, m32, momentum) if nesterov else m32
+    for g, m32 in zip(grads, momenta, strict=True):
+        # Out of place: g.float() is the gradient itself when it is float32 already.
+        step = torch.lerp(g.float(), m32, momentum) if nesterov else m32
         out.append(step.to(g.dtype))
     return out

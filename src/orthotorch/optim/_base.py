@@ -34,6 +34,14 @@ from ..functional import (
 from ..functional.checks import maybe_nonfinite, nonfinite_flags
 from ..functional.lowprec import LOW_PRECISION_DTYPES, lowprec_momentum_, rounding_seed
 
+# Parameter dtypes whose updates are lost to rounding at typical learning rates; with
+# ``master_weights`` they are trained through a float32 copy.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# Keeps the AdamW first moments' rounding streams apart from the momentum buffers'.
+_ADAMW_SEED_OFFSET = 1 << 20
+# Accepted ``momentum_dtype``: bf16 state (stochastic rounding) or float32 state for half params.
+MOMENTUM_DTYPES = (*LOW_PRECISION_DTYPES, torch.float32)
+
 __all__ = ["NonFiniteGradientError", "OrthogonalOptimizer"]
 
 
@@ -79,6 +87,18 @@ def _state_tensors(state: Mapping[str, Any]) -> list[Tensor]:
     return out
 
 
+def _restore_dtypes(loaded: dict[str, Any], saved: Mapping[str, Any]) -> None:
+    for key, value in saved.items():
+        current = loaded.get(key)
+        if isinstance(value, Tensor) and isinstance(current, Tensor):
+            if value.is_floating_point() and value.dtype != current.dtype:
+                loaded[key] = value.to(device=current.device, copy=True)
+        elif isinstance(value, list) and isinstance(current, list):
+            for mine, theirs in zip(current, value):
+                if isinstance(mine, dict) and isinstance(theirs, Mapping):
+                    _restore_dtypes(mine, theirs)
+
+
 class OrthogonalOptimizer(Optimizer):
     """Base class: shared validation, routing, AdamW groups and the step skeleton.
 
@@ -115,6 +135,12 @@ class OrthogonalOptimizer(Optimizer):
             separate meshes (expert and dense, pipeline stages). Not with ``process_group``.
         overlap: run the communication of the next bucket while the current one is processed
             (asynchronous collectives); ``False`` runs them one after another.
+        master_weights: train bfloat16/float16 parameters through a float32 copy kept in the
+            state (``state[p]["master_weight"]``): gradients are cast up, every state tensor of
+            such a parameter is float32, the update is applied to the copy, and the parameter
+            receives the copy rounded to its dtype. Without it an update smaller than half a
+            bf16 ulp of a weight (``2^-9`` relative: at ``lr=1e-4`` most of them) is lost.
+            Costs 4 bytes per half-precision parameter; float32 parameters are unaffected.
     """
 
     algorithm: ClassVar[str] = "orthogonal"
@@ -143,7 +169,11 @@ class OrthogonalOptimizer(Optimizer):
         process_group: Any = None,
         device_mesh: Any = None,
         overlap: bool = True,
+        master_weights: bool = False,
     ) -> None:
+        if not isinstance(master_weights, bool):
+            raise ValueError(f"master_weights must be True or False, got {master_weights!r}")
+        self.master_weights = master_weights
         # Validated (ValueError naming the argument) and kept as one Topology, which every
         # call into orthotorch.distributed takes in place of the mode string.
         self.distributed = make_topology(distributed, process_group, device_mesh, overlap)
@@ -210,6 +240,13 @@ class OrthogonalOptimizer(Optimizer):
             check_range(label, "betas[0]", betas[0], 0.0, 1.0)
             check_range(label, "betas[1]", betas[1], 0.0, 1.0)
             check_range(label, "eps", group["eps"], 0.0, math.inf, lo_open=True)
+            dtype = group.get("momentum_dtype")
+            if dtype is not None and dtype not in LOW_PRECISION_DTYPES:
+                raise ValueError(
+                    f"{label}: momentum_dtype of an AdamW group (the first moment's dtype) must "
+                    f"be None (the parameter's dtype) or torch.bfloat16 (stochastic rounding), "
+                    f"got {dtype!r}"
+                )
             return
         for i, p in enumerate(group["params"]):
             if p.ndim < 2:
@@ -301,6 +338,21 @@ class OrthogonalOptimizer(Optimizer):
         another optimizer or one whose parameters had other matrix layouts."""
         self._check_loadable(state_dict)
         super().load_state_dict(state_dict)
+        self._keep_saved_dtypes(state_dict)
+
+    def _keep_saved_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """Put back state tensors that ``Optimizer.load_state_dict`` cast to the parameter's dtype.
+
+        torch casts every floating-point state tensor to its parameter's dtype, which would
+        round a float32 master copy or float32 momentum of a bf16 parameter to bf16 (and turn
+        bf16 state of a float32 parameter into float32): the state keeps the dtype it was
+        saved with, so a resumed run continues bit for bit.
+        """
+        saved_state = state_dict.get("state", {})
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for p, key in zip(group["params"], saved["params"]):
+                if key in saved_state:
+                    _restore_dtypes(self.state[p], saved_state[key])
 
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         name = type(self).__name__
@@ -433,12 +485,16 @@ class OrthogonalOptimizer(Optimizer):
             count = state.get("nonfinite_skips", 0)
             if not isinstance(count, Tensor):
                 state["nonfinite_skips"] = torch.tensor(count, dtype=torch.int64, device=p.device)
+        work = self._working_params(params)
         if group["algorithm"] == ADAMW:
-            self._adamw_state(params)
-        elif not (
-            self.block_state and any(not lay.is_flatten for lay in self._layouts_of(group, params))
-        ):
-            self._init_state(group, params, [self.state[p] for p in params])
+            self._adamw_state(group, params, work)
+            return
+        layouts = self._layouts_of(group, params)
+        if self.block_state and not all(layout.is_flatten for layout in layouts):
+            block_params, block_states, _ = self._blocks(params, work, layouts)
+            self._init_state(group, block_params, block_states)
+        else:
+            self._init_state(group, work, [self.state[p] for p in params])
 
     def _check_ranks_agree(self, all_params: list[Tensor]) -> None:
         """Once, at the first step: every rank must hold the same parameter list."""
@@ -500,60 +556,124 @@ class OrthogonalOptimizer(Optimizer):
                 kept[index][2].append(g)
         return kept
 
+    # ------------------------------------------------------------------ master weights
+    def _working_params(self, params: list[Tensor]) -> list[Tensor]:
+        """The tensors the update is computed on and applied to: each parameter itself, or,
+        with :attr:`master_weights`, the float32 copy of a half-precision one (created from the
+        parameter on first use)."""
+        if not self.master_weights:
+            return params
+        work = []
+        for p in params:
+            if p.dtype not in HALF_DTYPES:
+                work.append(p)
+                continue
+            state = self.state[p]
+            if "master_weight" not in state:
+                state["master_weight"] = p.detach().to(torch.float32)
+            work.append(state["master_weight"])
+        return work
+
+    @staticmethod
+    def _cast_grads(grads: list[Tensor], work: list[Tensor]) -> list[Tensor]:
+        return [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, work)]
+
+    @staticmethod
+    def _write_back(params: list[Tensor], work: list[Tensor]) -> None:
+        """Round each float32 master copy into its half-precision parameter."""
+        for p, w in zip(params, work, strict=True):
+            if w is not p:
+                distributed.local(p).copy_(distributed.local(w))
+
+    # ------------------------------------------------------------------ the groups' updates
     def _adamw_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     ) -> None:
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        self._adamw_state(params)
-        for p in params:
-            state = self.state[p]
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
+        work = self._working_params(params)
+        grads = self._cast_grads(grads, work)
+        self._adamw_state(group, params, work)
+        states = [self.state[p] for p in params]
+        seeds = None
+        dtype = group.get("momentum_dtype")
+        if dtype is not None:
+            # Optimizer.load_state_dict casts state to the parameter's dtype (exactly, from
+            # bf16); the saved step seeds the rounding, so a resumed run rounds identically.
+            for s in states:
+                s["exp_avg"] = s["exp_avg"].to(dtype)
+            seeds = [
+                rounding_seed(int(s["step"]), i + _ADAMW_SEED_OFFSET) for i, s in enumerate(states)
+            ]
         beta1, beta2 = group["betas"]
         adamw_step_(
-            params,
+            work,
             grads,
-            exp_avgs,
-            exp_avg_sqs,
-            steps,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
+            exp_avg_seeds=seeds,
         )
+        self._write_back(params, work)
 
-    def _adamw_state(self, params: list[Tensor]) -> None:
-        for p in params:
+    def _adamw_state(self, group: dict[str, Any], params: list[Tensor], work: list[Tensor]) -> None:
+        for p, w in zip(params, work, strict=True):
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(
+                    w, dtype=group.get("momentum_dtype"), memory_format=torch.preserve_format
+                )
+                state["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
 
     def _orthogonal_group(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor]
     ) -> None:
+        work = self._working_params(params)
+        grads = self._cast_grads(grads, work)
         layouts = self._layouts_of(group, params)
         if self.block_state and not all(layout.is_flatten for layout in layouts):
-            directions = self._blockwise_directions(group, params, grads, layouts)
+            directions = self._blockwise_directions(group, params, work, grads, layouts)
         else:
             states = [self.state[p] for p in params]
-            self._init_state(group, params, states)
+            self._init_state(group, work, states)
             momenta = self._momentum(group, grads, states)
             directions = self._direction(group, momenta, states, layouts)
         apply_updates_(
-            [distributed.local(p) for p in params],
+            [distributed.local(w) for w in work],
             directions,
             lr=group["lr"],
             weight_decay=group["weight_decay"],
         )
+        self._write_back(params, work)
+
+    def _blocks(
+        self, params: list[Tensor], work: list[Tensor], layouts: list[MatrixLayout]
+    ) -> tuple[list[Tensor], list[dict[str, Any]], list[int]]:
+        """Each matrix of a non-``flatten`` layout as a parameter of its own: the matrices (views
+        of the working tensors), their state dicts (``state[p]["blocks"]``) and, per parameter,
+        how many there are (0 for a ``flatten`` parameter, which stays whole)."""
+        block_params, block_states, counts = [], [], []
+        for p, w, layout in zip(params, work, layouts, strict=True):
+            if layout.is_flatten:
+                block_params.append(w)
+                block_states.append(self.state[p])
+                counts.append(0)
+                continue
+            views = layout.matrices(w.detach())
+            block_params += views
+            block_states += self.state[p].setdefault("blocks", [{} for _ in views])
+            counts.append(len(views))
+        return block_params, block_states, counts
 
     def _blockwise_directions(
         self,
         group: dict[str, Any],
         params: list[Tensor],
+        work: list[Tensor],
         grads: list[Tensor],
         layouts: list[MatrixLayout],
     ) -> list[Tensor]:
@@ -565,32 +685,24 @@ class OrthogonalOptimizer(Optimizer):
         keep their state as before. (Non-flatten layouts of ``DTensor`` parameters are refused
         at construction for these optimizers.)
         """
-        block_params, block_grads, block_states, counts = [], [], [], []
-        for p, g, layout in zip(params, grads, layouts, strict=True):
-            if layout.is_flatten:
-                block_params.append(p)
-                block_grads.append(g)
-                block_states.append(self.state[p])
-                counts.append(0)
-                continue
-            views = layout.matrices(p.detach())
-            state = self.state[p].setdefault("blocks", [{} for _ in views])
-            block_params += views
-            block_grads += [v.contiguous() for v in layout.matrices(g)]
-            block_states += state
-            counts.append(len(views))
+        block_params, block_states, counts = self._blocks(params, work, layouts)
+        block_grads = []
+        for g, layout in zip(grads, layouts, strict=True):
+            block_grads += (
+                [g] if layout.is_flatten else [v.contiguous() for v in layout.matrices(g)]
+            )
         self._init_state(group, block_params, block_states)
         momenta = self._momentum(group, block_grads, block_states)
         flat = [parse_layout(None)] * len(block_params)
         block_directions = self._direction(group, momenta, block_states, flat)
         directions, position = [], 0
-        for p, layout, count in zip(params, layouts, counts, strict=True):
+        for w, layout, count in zip(work, layouts, counts, strict=True):
             if count == 0:
                 directions.append(block_directions[position])
                 position += 1
                 continue
             blocks = block_directions[position : position + count]
-            directions.append(layout.assemble(blocks, p.shape, p.device))
+            directions.append(layout.assemble(blocks, w.shape, w.device))
             position += count
         return directions
 
@@ -612,10 +724,11 @@ class OrthogonalOptimizer(Optimizer):
         if not isinstance(group["nesterov"], bool):
             raise ValueError(f"{label}: nesterov must be True or False, got {group['nesterov']!r}")
         dtype = group.get("momentum_dtype")
-        if dtype is not None and dtype not in LOW_PRECISION_DTYPES:
+        if dtype is not None and dtype not in MOMENTUM_DTYPES:
             raise ValueError(
-                f"{label}: momentum_dtype must be None (the parameter's dtype) or "
-                f"torch.bfloat16 (stochastic rounding), got {dtype!r}"
+                f"{label}: momentum_dtype must be None (the parameter's dtype), "
+                f"torch.bfloat16 (stochastic rounding) or torch.float32 (for bf16/fp16 "
+                f"parameters), got {dtype!r}"
             )
 
     def _init_state(
@@ -633,7 +746,13 @@ class OrthogonalOptimizer(Optimizer):
     ) -> list[Tensor]:
         bufs = [s["momentum_buffer"] for s in states]
         dtype = group.get("momentum_dtype")
-        if dtype is not None:
+        if dtype == torch.float32:
+            # float32 state for half-precision parameters: the moving average in float32.
+            for s in states:
+                s["momentum_buffer"] = s["momentum_buffer"].to(dtype)
+            bufs = [s["momentum_buffer"] for s in states]
+            grads = [g.to(dtype) for g in grads]
+        elif dtype is not None:
             # Optimizer.load_state_dict casts state to the parameter's dtype; bf16 -> float32 is
             # exact, so casting back restores the saved buffer bit for bit.
             for s in states:

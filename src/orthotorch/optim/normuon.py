@@ -68,10 +68,13 @@ class NorMuon(OrthogonalOptimizer):
     the orthogonalization is split across ranks by
     :func:`orthotorch.distributed.map_matrices` exactly as Muon's; the normalisation then runs
     on what each rank holds. Under DDP that is every whole matrix, so ``v`` is computed from
-    bitwise equal inputs by every rank and stays identical; under FSDP2 (``Shard(0)``) it is
-    this rank's rows, ``v`` is a ``DTensor`` sharded like them and the two Frobenius norms cost
-    one all-reduce of two numbers per matrix. Under FSDP2 the layouts must keep rows whole on a
-    shard: ``flatten`` or ``batch`` (experts sharded by expert).
+    bitwise equal inputs by every rank and stays identical; for row-sharded ``DTensor``
+    parameters (FSDP2's ``Shard(0)``, HSDP's ``(Replicate(), Shard(0))``, a column-parallel
+    weight) it is this rank's rows, ``v`` is a ``DTensor`` sharded like them and the two
+    Frobenius norms cost one all-reduce of two numbers per matrix over the shards (the replicas
+    already hold equal values). Sharded weights must keep rows whole on a shard: ``flatten`` or
+    ``batch`` (experts sharded by expert) layouts, and no ``Shard(1)`` (refused at
+    construction).
 
     Reference: Li et al., "NorMuon: Making Muon more efficient and scalable" (ICLR 2026,
     https://arxiv.org/abs/2510.05491); code: github.com/zichongli5/NorMuon, microsoft/dion.
@@ -108,9 +111,9 @@ class NorMuon(OrthogonalOptimizer):
     """
 
     algorithm = "normuon"
-    # The per-neuron statistics are computed on whole local rows: Shard(0) over a 1-D mesh
-    # (FSDP2) only; HSDP / tensor-parallel placements are refused at construction.
-    mesh_layouts = False
+    # The per-neuron statistics are computed on whole local rows: Replicate() with Shard(0) on
+    # one mesh dimension (FSDP2, HSDP, column-parallel); Shard(1) is refused at construction.
+    mesh_layouts = "row_blocks"
 
     def __init__(
         self,
@@ -181,7 +184,10 @@ class NorMuon(OrthogonalOptimizer):
     def _init_state(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
-        layouts = self._layouts_of(group, params)
+        # ``params`` may be float32 master copies (master_weights=True): the layouts are the
+        # group's parameters', found through their state dicts.
+        owner = {id(self.state[q]): q for q in group["params"] if q in self.state}
+        layouts = self._layouts_of(group, [owner[id(s)] for s in states])
         for p, state, layout in zip(params, states, layouts, strict=True):
             if "momentum_buffer" in state:
                 continue
@@ -201,7 +207,7 @@ class NorMuon(OrthogonalOptimizer):
         polar = dist.map_matrices(momenta, kernel, compute, self.distributed, layouts=layouts)
         beta2, eps = group["beta2"], group["eps"]
         target = target_norm_for(group["adjust_lr"])
-        directions, blocks = [], []  # blocks: (output view, Ô, (m, n), sharded, hat², O²)
+        directions, blocks = [], []  # blocks: (output view, Ô, (m, n), M if sharded, hat², O²)
         for M, O, state, layout in zip(momenta, polar, states, layouts, strict=True):
             stored = dist.local(state[STATE_KEY])
             # Statistics in float32 at least; the state keeps the parameter's dtype.
@@ -212,25 +218,26 @@ class NorMuon(OrthogonalOptimizer):
             sharded = dist.is_dtensor(M) and not layout.batch
             if sharded:
                 shapes = [matrix_shape(M.shape)]
-                pieces = [(O.reshape(O.shape[0], -1), out.reshape(O.shape[0], -1), v)]
+                # Explicit columns: an empty shard (more ranks than rows) has no -1 to infer.
+                local_shape = (O.shape[0], shapes[0][1])
+                pieces = [(O.reshape(local_shape), out.reshape(local_shape), v)]
             else:
                 shapes = layout.block_shapes(O.shape)
                 segments = v.reshape(-1).split([r for r, _ in shapes])
                 pieces = list(zip(layout.matrices(O), layout.matrices(out), segments, strict=True))
             for shape, (block, view, v_rows) in zip(shapes, pieces, strict=True):
                 O_hat, hat_sq, o_sq = normalize_rows(block, v_rows, beta2, eps)
-                blocks.append((view, O_hat, shape, sharded, hat_sq, o_sq))
+                blocks.append((view, O_hat, shape, M if sharded else None, hat_sq, o_sq))
             if v is not stored:
                 stored.copy_(v)
             directions.append(out)
-        sharded_sums = [torch.stack(b[4:]) for b in blocks if b[3]]
-        if sharded_sums:
-            # Every rank holds the same (sharded) parameters, so every rank makes this call.
-            partial = torch.stack(sharded_sums)
-            dist.sum_across_shards_([partial], [M for M in momenta if dist.is_dtensor(M)])
-            whole = iter(partial.unbind(0))
+        # Every rank holds the same (sharded) parameters, so every rank makes this call: one
+        # all-reduce per shard group (the mesh dimensions that shard each weight).
+        sums = [torch.stack(b[4:]) for b in blocks if b[3] is not None]
+        dist.sum_across_shards_(sums, [b[3] for b in blocks if b[3] is not None])
+        whole = iter(sums)
         for view, O_hat, shape, sharded, hat_sq, o_sq in blocks:
-            if sharded:
+            if sharded is not None:
                 hat_sq, o_sq = next(whole).unbind(0)
             factor = rescale_factor(hat_sq, o_sq, shape, target) * self._scale(group, shape)
             view.copy_(O_hat.mul_(factor))
