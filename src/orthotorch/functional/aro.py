@@ -237,10 +237,9 @@ def rotation_from_rows(S: Tensor, k: int) -> Tensor:
     Returns a new tensor (``S`` is never modified). "Unset" is read from the first row alone:
     a row of an orthogonal matrix has norm 1, so only the zero state has a zero first row.
     """
-    flat = S.reshape(*S.shape[:-2], -1)
-    if flat.data_ptr() == S.data_ptr() and flat.numel():  # a view (S contiguous): copy
-        flat = flat.clone()
-    R = flat[..., : k * k].view(*S.shape[:-2], k, k)
+    # The k*k leading entries, copied (contiguous): no data-pointer test to find out whether
+    # reshape already copied, which torch.compile cannot trace.
+    R = S.reshape(*S.shape[:-2], -1)[..., : k * k].clone().view(*S.shape[:-2], k, k)
     unset = (R[..., 0, :] == 0).all(dim=-1, keepdim=True).to(R.dtype)
     R.diagonal(dim1=-2, dim2=-1).add_(unset)
     return R
@@ -316,7 +315,12 @@ def _aro_packed(
     # R f(Y) = (R diag(r)) Y_a diag(c); the last scaling writes straight into the packed output
     # (in R's dtype: type promotion makes the bf16 product's scaling a float32 multiply).
     D = out[..., :cols]
-    torch.mul(_mm(R * r.mT, Ya, dtype, dtype or Ya.dtype), c, out=D.mT if tall else D)
+    D = D.mT if tall else D
+    if torch.compiler.is_compiling():
+        # Dynamo refuses a non-contiguous out=; the traced graph fuses the copy anyway.
+        D.copy_(_mm(R * r.mT, Ya, dtype, dtype or Ya.dtype) * c)
+    else:
+        torch.mul(_mm(R * r.mT, Ya, dtype, dtype or Ya.dtype), c, out=D)
     out[..., cols:] = rotation_to_rows(R, rows)
 
 
