@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import orthotorch
+from orthotorch.bench.optimizers import optimizer_state_bytes
 from orthotorch.bench.reference import reference_named_parameters, set_random_gradients
 from orthotorch.linalg import orthogonality_error, plan_table
 
@@ -73,7 +74,24 @@ BUILDERS: dict[str, Callable] = {
     "orthotorch.ARO": lambda h, a, wd: orthotorch.ARO(
         _groups(h, a), lr=LR, adamw_lr=ADAMW_LR, weight_decay=wd
     ),
+    # The lighter-state option: bf16 momentum (stochastic rounding) on the hidden matrices and
+    # a bf16 first moment in the AdamW group.
+    "orthotorch.Muon(bf16 state)": lambda h, a, wd: orthotorch.Muon(
+        [
+            {"params": [p for _, p in h], "momentum_dtype": torch.bfloat16},
+            {"params": [p for _, p in a], "algorithm": "adamw", "momentum_dtype": torch.bfloat16},
+        ],
+        lr=LR,
+        adamw_lr=ADAMW_LR,
+        weight_decay=wd,
+    ),
 }
+
+
+def state_bytes(opt) -> int:
+    if isinstance(opt, WithAdamW):
+        return optimizer_state_bytes(opt.hidden_opt) + optimizer_state_bytes(opt.adamw)
+    return optimizer_state_bytes(opt)
 
 
 def _pytorch_optimizer_muon(h, a, wd):
@@ -220,16 +238,19 @@ def main() -> None:
     )
     print(
         "| optimizer | step ms (median) | step ms (min) | ratio to torch.optim.Muon "
-        "(median / min) | update orthogonality error |"
+        "(median / min) | update orthogonality error | state MiB (vs AdamW) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
+    adamw_state = state_bytes(built["torch.optim.AdamW"][0])
     for n in names:
         med, low = statistics.median(times[n]), min(times[n])
         err = update_error(n, args.device, args.quick, builders)
         err_s = "-" if err != err else f"{err:.3f}"
+        state = state_bytes(built[n][0])
         print(
             f"| {n} | {med * 1e3:.1f} | {low * 1e3:.1f} | "
-            f"{med / ref_med:.2f}x / {low / ref_min:.2f}x | {err_s} |"
+            f"{med / ref_med:.2f}x / {low / ref_min:.2f}x | {err_s} | "
+            f"{state / 2**20:.1f} ({state / adamw_state:.2f}x) |"
         )
     for row, base, target in TARGETS:
         if row in times and base in times:
@@ -241,6 +262,13 @@ def main() -> None:
                 else (f" (target <= {target}x: {'ok' if max(med, low) <= target else 'MISSED'})")
             )
             print(f"{row} / {base}: median {med:.2f}x, min {low:.2f}x{verdict}")
+    light = built.get("orthotorch.Muon(bf16 state)")
+    if light is not None:
+        ratio = state_bytes(light[0]) / adamw_state
+        verdict = "ok" if ratio <= 0.5 else "MISSED"
+        print(
+            f"orthotorch.Muon(bf16 state) state / AdamW state: {ratio:.2f}x (target <= 0.5x: {verdict})"
+        )
     for line in skipped:
         print(f"skipped {line}")
     table = plan_table()

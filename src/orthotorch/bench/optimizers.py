@@ -234,15 +234,19 @@ def get_optimizer(name: str) -> OptimizerSpec:
 
 
 def optimizer_state_bytes(optimizer: Any) -> int:
-    """Sum of ``nbytes`` over every tensor in ``optimizer.state`` (one level of nesting)."""
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values() if isinstance(state, Mapping) else ():
-            if isinstance(value, Tensor):
-                total += value.nbytes
-            elif isinstance(value, (list, tuple)):
-                total += sum(v.nbytes for v in value if isinstance(v, Tensor))
-    return total
+    """Sum of ``nbytes`` over every tensor in ``optimizer.state``, nested lists and dicts
+    included (the per-block state of expert stacks and split projections)."""
+
+    def size(value: Any) -> int:
+        if isinstance(value, Tensor):
+            return value.nbytes
+        if isinstance(value, Mapping):
+            return sum(size(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(size(v) for v in value)
+        return 0
+
+    return sum(size(state) for state in optimizer.state.values())
 
 
 # Issue 7: SPECTRA around the AdamW baseline, and ARO. SPECTRA's lr is the wrapped AdamW's (every
