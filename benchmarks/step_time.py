@@ -267,7 +267,8 @@ def main() -> None:
         ratio = state_bytes(light[0]) / adamw_state
         verdict = "ok" if ratio <= 0.5 else "MISSED"
         print(
-            f"orthotorch.Muon(bf16 state) state / AdamW state: {ratio:.2f}x (target <= 0.5x: {verdict})"
+            f"orthotorch.Muon(bf16 state) state / AdamW state: {ratio:.2f}x "
+            f"(target <= 0.5x: {verdict})"
         )
     for line in skipped:
         print(f"skipped {line}")
