@@ -98,6 +98,11 @@ def _muon(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimiz
     return Muon(groups, lr=lr, weight_decay=0.0, adamw_lr=adamw_lr)
 
 
+def _muon_aol(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
+    groups = _groups(model_or_groups)
+    return Muon(groups, lr=lr, weight_decay=0.0, adamw_lr=adamw_lr, ns_method="aol")
+
+
 def _tensors(params: Iterable[Any]) -> list[Tensor]:
     return [p[1] if isinstance(p, tuple) else p for p in params]
 
@@ -206,6 +211,15 @@ register_optimizer(
         _muon,
         lr={"bytelm": 0.02, "digits": 0.01, "matrix": 5e-3, "*": 0.02},
         description="orthotorch.Muon (Polar Express, 5 steps, bf16) + AdamW groups",
+    )
+)
+register_optimizer(
+    OptimizerSpec(
+        "muon-aol",
+        _muon_aol,
+        # Muon's tuned rates: the method changes the polar factor's accuracy, not its scale.
+        lr={"bytelm": 0.02, "digits": 0.01, "matrix": 5e-3, "*": 0.02},
+        description="orthotorch.Muon with Turbo-Muon's AOL-preconditioned Newton-Schulz (4 steps)",
     )
 )
 register_optimizer(

@@ -340,7 +340,7 @@ class CompareResult:
             f"final {self.metric_label}",
             "best",
             *extra_headers,
-            f"steps to {_fmt(target)}",
+            "steps to target" if target is None else f"steps to {_fmt(target)}",
             "time to target",
             "ms/step",
             "vs adamw",
