@@ -99,6 +99,19 @@ def _restore_dtypes(loaded: dict[str, Any], saved: Mapping[str, Any]) -> None:
                     _restore_dtypes(mine, theirs)
 
 
+def _check_momentum_dtype(group: Mapping[str, Any], what: str, float32: bool = False) -> None:
+    """``group["momentum_dtype"]`` must be None, bf16 or (``float32``: for the momentum of
+    half-precision parameters) float32; ``ValueError`` starting with ``what`` otherwise."""
+    dtype = group.get("momentum_dtype")
+    if dtype is None or dtype in (MOMENTUM_DTYPES if float32 else LOW_PRECISION_DTYPES):
+        return
+    extra = " or torch.float32 (for bf16/fp16 parameters)" if float32 else ""
+    raise ValueError(
+        f"{what} must be None (the parameter's dtype), torch.bfloat16 (stochastic "
+        f"rounding){extra}, got {dtype!r}"
+    )
+
+
 class OrthogonalOptimizer(Optimizer):
     """Base class: shared validation, routing, AdamW groups and the step skeleton.
 
@@ -240,13 +253,9 @@ class OrthogonalOptimizer(Optimizer):
             check_range(label, "betas[0]", betas[0], 0.0, 1.0)
             check_range(label, "betas[1]", betas[1], 0.0, 1.0)
             check_range(label, "eps", group["eps"], 0.0, math.inf, lo_open=True)
-            dtype = group.get("momentum_dtype")
-            if dtype is not None and dtype not in LOW_PRECISION_DTYPES:
-                raise ValueError(
-                    f"{label}: momentum_dtype of an AdamW group (the first moment's dtype) must "
-                    f"be None (the parameter's dtype) or torch.bfloat16 (stochastic rounding), "
-                    f"got {dtype!r}"
-                )
+            _check_momentum_dtype(
+                group, f"{label}: momentum_dtype of an AdamW group (the first moment's dtype)"
+            )
             return
         for i, p in enumerate(group["params"]):
             if p.ndim < 2:
@@ -723,13 +732,7 @@ class OrthogonalOptimizer(Optimizer):
         check_range(label, "momentum", group["momentum"], 0.0, 1.0)
         if not isinstance(group["nesterov"], bool):
             raise ValueError(f"{label}: nesterov must be True or False, got {group['nesterov']!r}")
-        dtype = group.get("momentum_dtype")
-        if dtype is not None and dtype not in MOMENTUM_DTYPES:
-            raise ValueError(
-                f"{label}: momentum_dtype must be None (the parameter's dtype), "
-                f"torch.bfloat16 (stochastic rounding) or torch.float32 (for bf16/fp16 "
-                f"parameters), got {dtype!r}"
-            )
+        _check_momentum_dtype(group, f"{label}: momentum_dtype", float32=True)
 
     def _init_state(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
