@@ -33,6 +33,7 @@ OPTIMIZERS: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "AuON": (orthotorch.AuON, {"lr": 0.02}),
     "HybridAuON": (orthotorch.AuON, {"lr": 0.02, "hybrid": True}),
     "ARO": (orthotorch.ARO, {"lr": 1e-3}),
+    "NorMuon": (orthotorch.NorMuon, {"lr": 0.02}),
     "DCTAdamW": (orthotorch.DCTAdamW, {"lr": 1e-3, "rank": 0.25}),
     "GaLoreAdamW": (orthotorch.GaLoreAdamW, {"lr": 1e-3, "rank": 0.25}),
 }
