@@ -215,19 +215,19 @@ register_optimizer(
 )
 register_optimizer(
     OptimizerSpec(
+        "torch-muon",
+        _torch_muon,
+        lr={"bytelm": 0.02, "digits": 0.01, "matrix": 5e-3, "*": 0.02},
+        description="torch.optim.Muon on 2-D hidden matrices + torch.optim.AdamW on the rest",
+    )
+)
+register_optimizer(
+    OptimizerSpec(
         "muon-aol",
         _muon_aol,
         # Muon's tuned rates: the method changes the polar factor's accuracy, not its scale.
         lr={"bytelm": 0.02, "digits": 0.01, "matrix": 5e-3, "*": 0.02},
         description="orthotorch.Muon with Turbo-Muon's AOL-preconditioned Newton-Schulz (4 steps)",
-    )
-)
-register_optimizer(
-    OptimizerSpec(
-        "torch-muon",
-        _torch_muon,
-        lr={"bytelm": 0.02, "digits": 0.01, "matrix": 5e-3, "*": 0.02},
-        description="torch.optim.Muon on 2-D hidden matrices + torch.optim.AdamW on the rest",
     )
 )
 
