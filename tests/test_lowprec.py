@@ -96,20 +96,26 @@ def _steps(model, opt, seeds):
         opt.step()
 
 
-def test_muon_bf16_momentum_resumes_bitwise_and_halves_the_state() -> None:
+def _assert_resumes_bitwise(make) -> tuple:
+    """Steps 0-5 straight, and 3-5 again from a state_dict saved after step 2: equal bits.
+    Returns the uninterrupted ``(model, optimizer)``."""
     import copy
 
-    model, opt = _model_and_optimizer(torch.bfloat16)
+    model, opt = make()
     _steps(model, opt, range(3))
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     _steps(model, opt, range(3, 6))
-
-    resumed, opt2 = _model_and_optimizer(torch.bfloat16)
+    resumed, opt2 = make()
     resumed.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     _steps(resumed, opt2, range(3, 6))
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+    return model, opt
+
+
+def test_muon_bf16_momentum_resumes_bitwise_and_halves_the_state() -> None:
+    model, opt = _assert_resumes_bitwise(lambda: _model_and_optimizer(torch.bfloat16))
 
     weight = model[0].weight
     buf = opt.state[weight]["momentum_buffer"]
@@ -152,18 +158,7 @@ def _adamw_model_and_optimizer(momentum_dtype):
 
 
 def test_adamw_group_bf16_first_moment_resumes_bitwise_and_trains_like_float32() -> None:
-    import copy
-
-    model, opt = _adamw_model_and_optimizer(torch.bfloat16)
-    _steps(model, opt, range(3))
-    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    _steps(model, opt, range(3, 6))
-    resumed, opt2 = _adamw_model_and_optimizer(torch.bfloat16)
-    resumed.load_state_dict(saved_model)
-    opt2.load_state_dict(saved_opt)
-    _steps(resumed, opt2, range(3, 6))
-    for a, b in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(a, b)
+    model, opt = _assert_resumes_bitwise(lambda: _adamw_model_and_optimizer(torch.bfloat16))
 
     embedding = model[0].weight
     state = opt.state[embedding]
