@@ -390,3 +390,16 @@ def test_describe_of_optimizers_that_are_not_orthotorchs() -> None:
     by_name = {r[0]: r for r in table[2:]}
     assert by_name["block.1.weight"][-1] == "4" and by_name["block.1.bias"][-1] == "-"
     assert by_name["block.1.weight"][2] == "AdamW"
+
+
+def test_describe_shows_the_state_options_only_when_used() -> None:
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    plain = orthotorch.describe(orthotorch.Muon(orthotorch.param_groups(model), lr=0.02))
+    assert "state" not in plain.splitlines()[0]
+    model = model.to(torch.bfloat16)
+    groups = orthotorch.param_groups(model, adamw={"momentum_dtype": torch.bfloat16})
+    table = orthotorch.describe(orthotorch.Muon(groups, lr=0.02, master_weights=True))
+    assert table.splitlines()[0].endswith("state")
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert rows["1.weight"].endswith("fp32 master")
+    assert rows["0.weight"].endswith("bfloat16 first moment (SR), fp32 master")

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from .functional import (
@@ -512,6 +513,11 @@ def describe(groups_or_optimizer: Any) -> str:
     header = ["name", "shape", "group", "update", "layout", "matrices", "lr", "wd", "lr scale"]
     if clip is not None:
         header.append("clip")
+    # A "state" column only where an option changes it (bf16 / float32 moments, master copies).
+    masters = bool(getattr(owner, "master_weights", False))
+    show_state = masters or any(g.get("momentum_dtype") is not None for g in groups)
+    if show_state:
+        header.append("state")
     rows = [tuple(header)]
     for name, p, group in _group_entries(groups):
         shape = "x".join(map(str, p.shape)) or "scalar"
@@ -538,11 +544,27 @@ def describe(groups_or_optimizer: Any) -> str:
         if clip is not None:
             threshold = clip._threshold(group, "clip")
             row.append("-" if threshold is None or p.ndim < 2 else f"{threshold:g}")
+        if show_state:
+            row.append(_state_note(group, p, masters, algorithm == "adamw"))
         rows.append(tuple(row))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _state_note(group: Mapping[str, Any], p: Tensor, masters: bool, adamw: bool) -> str:
+    """``bf16 momentum (SR)``, ``fp32 master``, ...: what ``momentum_dtype`` and
+    ``master_weights`` do to this parameter's state."""
+    notes = []
+    dtype = group.get("momentum_dtype")
+    if dtype is not None:
+        what = "first moment" if adamw else "momentum"
+        rounding = " (SR)" if dtype == torch.bfloat16 else ""
+        notes.append(f"{str(dtype).removeprefix('torch.')} {what}{rounding}")
+    if masters and p.dtype in (torch.bfloat16, torch.float16):
+        notes.append("fp32 master")
+    return ", ".join(notes) or "-"
 
 
 def _fmt(value: Any) -> str:
