@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -186,7 +185,6 @@ def _ints(text: str, part: str) -> tuple[int, ...]:
     return values
 
 
-@lru_cache(maxsize=512)
 def _parse(spec: str) -> MatrixLayout:
     fields: dict[str, object] = {}
     for raw in spec.replace(" ", "").split("+"):
@@ -236,7 +234,15 @@ def parse_layout(spec: str | MatrixLayout | None) -> MatrixLayout:
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"a layout must be a string such as 'batch', got {spec!r}")
-    return _parse(spec)
+    # A plain dict, not functools.lru_cache: torch.compile traces through it without warning
+    # (and guards on it, so a step recompiles only when a new layout string is first parsed).
+    layout = _PARSED.get(spec)
+    if layout is None:
+        layout = _PARSED[spec] = _parse(spec)
+    return layout
+
+
+_PARSED: dict[str, MatrixLayout] = {}
 
 
 def check_layout(spec: str | MatrixLayout | None, shape: tuple[int, ...], name: str) -> str:
