@@ -462,3 +462,27 @@ def test_spectra_clip_options_act_or_raise() -> None:
     assert orthotorch.SPECTRA(torch.optim.SGD([w], lr=0.1), method="svd").route == "polar"
     with pytest.raises(ValueError, match=r"polish_steps configure\(s\) the Newton–Schulz routes"):
         orthotorch.SPECTRA(torch.optim.SGD([w], lr=0.1), route="eigh", polish_steps=3)
+
+
+def test_clip_reaches_the_master_copies_of_bf16_parameters() -> None:
+    """SPECTRA around a base with master_weights clips the float32 copy (else the base would
+    write its unclipped copy back at the next step): a bf16 run tracks the float32 one, and
+    every parameter is its master rounded."""
+    torch.manual_seed(0)
+    full = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+    half = copy.deepcopy(full).to(torch.bfloat16)
+    runs = []
+    for model, kwargs in ((full, {}), (half, {"master_weights": True})):
+        base = orthotorch.Muon(orthotorch.param_groups(model), lr=0.05, **kwargs)
+        runs.append(orthotorch.SPECTRA(base, clip=0.02))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        grads = [torch.randn(p.shape, generator=gen) for p in full.parameters()]
+        for model, opt in zip((full, half), runs, strict=True):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.to(p.dtype)
+            opt.step()
+    for p, q in zip(full.parameters(), half.parameters(), strict=True):
+        master = runs[1].state[q]["master_weight"]
+        assert torch.equal(q, master.to(torch.bfloat16))
+        assert (master - p).norm() / p.norm() < 1e-2

@@ -237,7 +237,8 @@ class SPECTRA(Optimizer):
             # lr = 0 makes no step from which U could be recovered (and none is taken).
             if self._threshold(group, "clip") is not None and lr > 0:
                 wd = decoupled_weight_decay(self.optimizer, group)
-                pending.append((group, params, lr, wd, [p.detach().clone() for p in params]))
+                before = [self._working(p, snapshot=True) for p in params]
+                pending.append((group, params, lr, wd, before))
         skips = [[_skips(self.state, p) for p in params] for _, params, *_ in pending]
         self.optimizer.step()
         for (group, params, lr, wd, before), counts in zip(pending, skips, strict=True):
@@ -248,16 +249,34 @@ class SPECTRA(Optimizer):
                 params, before = [params[i] for i in kept], [before[i] for i in kept]
                 if not params:
                     continue
+            work = [self._working(p) for p in params]
             updates = [
-                recover_update(x, p.detach(), lr, wd) for x, p in zip(before, params, strict=True)
+                recover_update(x, w.detach(), lr, wd) for x, w in zip(before, work, strict=True)
             ]
             directions = self._map(
                 updates, self._threshold(group, "clip"), self._layouts(group, params), scaled=True
             )
-            local = [distributed.local(p) for p in params]
+            local = [distributed.local(w) for w in work]
             torch._foreach_copy_(local, [distributed.local(x) for x in before])
             apply_updates_(local, directions, lr=lr, weight_decay=wd)
+            for p, w in zip(params, work, strict=True):
+                if w is not p:  # a float32 master copy: the parameter gets it rounded
+                    distributed.local(p).copy_(distributed.local(w))
         return loss
+
+    def _working(self, p: Tensor, snapshot: bool = False) -> Tensor:
+        """The tensor the base optimizer updates for ``p``: its float32 master copy when the
+        base keeps one (``master_weights=True``), else ``p``. ``snapshot``: a copy of its value
+        before the base step (a master not created yet equals ``p`` in float32)."""
+        master = self.state[p].get("master_weight") if p in self.state else None
+        keeps_masters = getattr(self.optimizer, "master_weights", False)
+        if not snapshot:
+            return p if master is None else master
+        if master is not None:
+            return master.detach().clone()
+        if keeps_masters and p.dtype in (torch.bfloat16, torch.float16):
+            return p.detach().to(torch.float32)
+        return p.detach().clone()
 
     @staticmethod
     def _layouts(group: dict[str, Any], params: list[Tensor]) -> list[MatrixLayout]:
