@@ -25,6 +25,7 @@ from .functional import (
     parse_layout,
     shape_scale,
 )
+from .functional.lowprec import HALF_DTYPES
 
 __all__ = ["ParameterPlan", "describe", "param_groups", "plan_parameters", "route_parameters"]
 
@@ -562,7 +563,7 @@ def _state_note(group: Mapping[str, Any], p: Tensor, masters: bool, adamw: bool)
         what = "first moment" if adamw else "momentum"
         rounding = " (SR)" if dtype == torch.bfloat16 else ""
         notes.append(f"{str(dtype).removeprefix('torch.')} {what}{rounding}")
-    if masters and p.dtype in (torch.bfloat16, torch.float16):
+    if masters and p.dtype in HALF_DTYPES:
         notes.append("fp32 master")
     return ", ".join(notes) or "-"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -93,14 +94,11 @@ def _adamw(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimi
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
-def _muon(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
+def _muon(
+    model_or_groups: ModelOrGroups, lr: float, adamw_lr: float, ns_method: str = "polar_express"
+) -> Optimizer:
     groups = _groups(model_or_groups)
-    return Muon(groups, lr=lr, weight_decay=0.0, adamw_lr=adamw_lr)
-
-
-def _muon_aol(model_or_groups: ModelOrGroups, lr: float, adamw_lr: float) -> Optimizer:
-    groups = _groups(model_or_groups)
-    return Muon(groups, lr=lr, weight_decay=0.0, adamw_lr=adamw_lr, ns_method="aol")
+    return Muon(groups, lr=lr, weight_decay=0.0, adamw_lr=adamw_lr, ns_method=ns_method)
 
 
 def _tensors(params: Iterable[Any]) -> list[Tensor]:
@@ -224,9 +222,9 @@ register_optimizer(
 register_optimizer(
     OptimizerSpec(
         "muon-aol",
-        _muon_aol,
+        partial(_muon, ns_method="aol"),
         # Muon's tuned rates: the method changes the polar factor's accuracy, not its scale.
-        lr={"bytelm": 0.02, "digits": 0.01, "matrix": 5e-3, "*": 0.02},
+        lr=dict(OPTIMIZERS["muon"].lr),
         description="orthotorch.Muon with Turbo-Muon's AOL-preconditioned Newton-Schulz (4 steps)",
     )
 )

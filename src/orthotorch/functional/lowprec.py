@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "HALF_DTYPES",
     "LOW_PRECISION_DTYPES",
     "lowprec_lerp_",
     "lowprec_momentum_",
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 LOW_PRECISION_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16,)
+# Parameter dtypes whose small updates are lost to rounding at typical learning rates (trained
+# through a float32 copy with ``master_weights``).
+HALF_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 
 _LOW_BITS = 0xFFFF
 

@@ -32,11 +32,13 @@ from ..functional import (
     resolve_rank,
 )
 from ..functional.checks import maybe_nonfinite, nonfinite_flags
-from ..functional.lowprec import LOW_PRECISION_DTYPES, lowprec_momentum_, rounding_seed
+from ..functional.lowprec import (
+    HALF_DTYPES,
+    LOW_PRECISION_DTYPES,
+    lowprec_momentum_,
+    rounding_seed,
+)
 
-# Parameter dtypes whose updates are lost to rounding at typical learning rates; with
-# ``master_weights`` they are trained through a float32 copy.
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 # Keeps the AdamW first moments' rounding streams apart from the momentum buffers'.
 _ADAMW_SEED_OFFSET = 1 << 20
 # Accepted ``momentum_dtype``: bf16 state (stochastic rounding) or float32 state for half params.
@@ -585,7 +587,9 @@ class OrthogonalOptimizer(Optimizer):
 
     @staticmethod
     def _cast_grads(grads: list[Tensor], work: list[Tensor]) -> list[Tensor]:
-        return [g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, work)]
+        return [
+            g if g.dtype == w.dtype else g.to(w.dtype) for g, w in zip(grads, work, strict=True)
+        ]
 
     @staticmethod
     def _write_back(params: list[Tensor], work: list[Tensor]) -> None:
@@ -605,8 +609,9 @@ class OrthogonalOptimizer(Optimizer):
         seeds = None
         dtype = group.get("momentum_dtype")
         if dtype is not None:
-            # Optimizer.load_state_dict casts state to the parameter's dtype (exactly, from
-            # bf16); the saved step seeds the rounding, so a resumed run rounds identically.
+            # A first moment made before the option was set (or loaded from a checkpoint saved
+            # without it) is converted once; the saved step seeds the rounding, so a resumed
+            # run rounds identically.
             for s in states:
                 s["exp_avg"] = s["exp_avg"].to(dtype)
             seeds = [
@@ -749,18 +754,16 @@ class OrthogonalOptimizer(Optimizer):
     ) -> list[Tensor]:
         bufs = [s["momentum_buffer"] for s in states]
         dtype = group.get("momentum_dtype")
+        if dtype is not None:
+            # Subclasses that create the buffer in the parameter's dtype (and buffers made
+            # before the option was set) are converted once; later steps find it in ``dtype``.
+            for s in states:
+                s["momentum_buffer"] = s["momentum_buffer"].to(dtype)
+            bufs = [s["momentum_buffer"] for s in states]
         if dtype == torch.float32:
             # float32 state for half-precision parameters: the moving average in float32.
-            for s in states:
-                s["momentum_buffer"] = s["momentum_buffer"].to(dtype)
-            bufs = [s["momentum_buffer"] for s in states]
             grads = [g.to(dtype) for g in grads]
         elif dtype is not None:
-            # Optimizer.load_state_dict casts state to the parameter's dtype; bf16 -> float32 is
-            # exact, so casting back restores the saved buffer bit for bit.
-            for s in states:
-                s["momentum_buffer"] = s["momentum_buffer"].to(dtype)
-            bufs = [s["momentum_buffer"] for s in states]
             # The step count in the state seeds the rounding: a resumed run rounds identically.
             seeds = [rounding_seed(s.get("momentum_rounds", 0), i) for i, s in enumerate(states)]
             for s in states:

@@ -184,13 +184,15 @@ class NorMuon(OrthogonalOptimizer):
     def _init_state(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]
     ) -> None:
+        new = [i for i, state in enumerate(states) if "momentum_buffer" not in state]
+        if not new:
+            return  # every step after the first: no lookup on the hot path
         # ``params`` may be float32 master copies (master_weights=True): the layouts are the
         # group's parameters', found through their state dicts.
         owner = {id(self.state[q]): q for q in group["params"] if q in self.state}
-        layouts = self._layouts_of(group, [owner[id(s)] for s in states])
-        for p, state, layout in zip(params, states, layouts, strict=True):
-            if "momentum_buffer" in state:
-                continue
+        layouts = self._layouts_of(group, [owner[id(states[i])] for i in new])
+        for i, layout in zip(new, layouts, strict=True):
+            p, state = params[i], states[i]
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             shape = second_moment_shape(tuple(p.shape), layout)
             state[STATE_KEY] = dist.zeros_state(shape, p, rows_sharded=True)

@@ -237,7 +237,7 @@ class SPECTRA(Optimizer):
             # lr = 0 makes no step from which U could be recovered (and none is taken).
             if self._threshold(group, "clip") is not None and lr > 0:
                 wd = decoupled_weight_decay(self.optimizer, group)
-                before = [self._working(p, snapshot=True) for p in params]
+                before = [w.detach().clone() for w in self._working(params)]
                 pending.append((group, params, lr, wd, before))
         skips = [[_skips(self.state, p) for p in params] for _, params, *_ in pending]
         self.optimizer.step()
@@ -249,7 +249,7 @@ class SPECTRA(Optimizer):
                 params, before = [params[i] for i in kept], [before[i] for i in kept]
                 if not params:
                     continue
-            work = [self._working(p) for p in params]
+            work = self._working(params)
             updates = [
                 recover_update(x, w.detach(), lr, wd) for x, w in zip(before, work, strict=True)
             ]
@@ -264,19 +264,12 @@ class SPECTRA(Optimizer):
                     distributed.local(p).copy_(distributed.local(w))
         return loss
 
-    def _working(self, p: Tensor, snapshot: bool = False) -> Tensor:
-        """The tensor the base optimizer updates for ``p``: its float32 master copy when the
-        base keeps one (``master_weights=True``), else ``p``. ``snapshot``: a copy of its value
-        before the base step (a master not created yet equals ``p`` in float32)."""
-        master = self.state[p].get("master_weight") if p in self.state else None
-        keeps_masters = getattr(self.optimizer, "master_weights", False)
-        if not snapshot:
-            return p if master is None else master
-        if master is not None:
-            return master.detach().clone()
-        if keeps_masters and p.dtype in (torch.bfloat16, torch.float16):
-            return p.detach().to(torch.float32)
-        return p.detach().clone()
+    def _working(self, params: list[Tensor]) -> list[Tensor]:
+        """The tensors the base optimizer updates for ``params``: an orthotorch base's float32
+        master copies where it keeps them (``master_weights=True``; created from the parameters
+        if this is their first step, as the base step would), else the parameters."""
+        working = getattr(self.optimizer, "_working_params", None)
+        return params if working is None else working(params)
 
     @staticmethod
     def _layouts(group: dict[str, Any], params: list[Tensor]) -> list[MatrixLayout]:
