@@ -9,7 +9,10 @@ can run as
 - ``chunked``: one call per ``chunk`` consecutive matrices,
 
 and, for half-precision input, in the input's dtype or in float32 (upcast in, round back out),
-eager or ``torch.compile``-d. The fastest of these depends on the machine, the shape, the count,
+eager or ``torch.compile``-d. A kernel may also offer *variants*: other routes to the same result
+in exact arithmetic, such as the Gram route of Newton–Schulz on wide matrices
+(:func:`~orthotorch.linalg.newton_schulz.iterate_gram_quintic`, fewer multiply-adds), timed
+beside the direct route. The fastest of these depends on the machine, the shape, the count,
 the dtype and the thread count: on one 2-core CPU a loop of bf16 2-D GEMMs beat ``bmm`` (84 vs
 115 ms for 16 512x512 matrices), on another the opposite held (162 vs 105 ms), and float32
 compute halved a small model's step. So no fixed rule is right everywhere; this module times the
@@ -45,7 +48,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +58,7 @@ from torch import Tensor
 
 __all__ = [
     "MEASURE_FROM_FLOPS",
+    "ROUTES",
     "STRATEGIES",
     "BucketKey",
     "Plan",
@@ -73,6 +77,8 @@ __all__ = [
 
 Strategy = Literal["batched", "looped", "chunked"]
 STRATEGIES: tuple[str, ...] = ("batched", "looped", "chunked")
+ROUTES: tuple[str, ...] = ("direct", "gram")
+Kernel = Callable[[Tensor], Tensor]
 
 # A Newton-Schulz call on 16 bf16 512x512 matrices (~2e10 flops) takes ~0.1 s on one CPU core;
 # below ~1e9 flops (a few ms) the candidates' differences are below timing noise and measuring
@@ -80,7 +86,7 @@ STRATEGIES: tuple[str, ...] = ("batched", "looped", "chunked")
 MEASURE_FROM_FLOPS = 1e9
 
 _HALF = (torch.bfloat16, torch.float16)
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: plans carry a route
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,8 @@ class Plan:
         chunk: matrices per call (``count`` for batched, 1 for looped).
         compute: ``"input"`` (the stack's dtype) or ``"float32"`` (upcast, round back).
         compiled: run the ``torch.compile``-d kernel.
+        route: ``"direct"`` (the kernel itself) or the name of one of its variants (``"gram"``);
+            a kernel without that variant runs directly.
         seconds: measured time of this plan (``nan``: not measured, the default plan).
         baseline_seconds: measured time of the default plan in the same run.
         compile_s: first-call (compile) time of the compiled candidates when they were tried.
@@ -124,6 +132,7 @@ class Plan:
     chunk: int
     compute: str = "input"
     compiled: bool = False
+    route: str = "direct"
     seconds: float = math.nan
     baseline_seconds: float = math.nan
     compile_s: float = 0.0
@@ -135,6 +144,8 @@ class Plan:
             text += f"+{self.compute}"
         if self.compiled:
             text += "+compiled"
+        if self.route != "direct":
+            text += f"+{self.route}"
         return text
 
 
@@ -142,6 +153,7 @@ class Plan:
 class _Config:
     measure: bool = True
     compile: bool = False
+    variants: bool = True
     cache_path: Path | None = None
     forced: Plan | None = None
     # Inside measuring(): measure every stack, even small or already planned ones.
@@ -163,6 +175,7 @@ def configure(
     measure: bool | None = None,
     compile: bool | None = None,
     cache_path: str | os.PathLike[str] | Literal[False] | None = None,
+    variants: bool | None = None,
 ) -> None:
     """Set the dispatch policy for this process.
 
@@ -171,6 +184,8 @@ def configure(
             machines: no timing decides anything). Also set by ``ORTHOTORCH_DISPATCH=default``.
         compile: try ``torch.compile``-d candidates when measuring.
         cache_path: JSON file for measured plans (``False`` turns the disk cache off).
+        variants: time the kernels' other routes (the Gram route of Newton–Schulz); ``False``
+            keeps every measured plan on the direct route, whose bf16 rounding is smaller.
     """
     if measure is not None:
         if not isinstance(measure, bool):
@@ -180,6 +195,10 @@ def configure(
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be a bool, got {compile!r}")
         _CONFIG.compile = compile
+    if variants is not None:
+        if not isinstance(variants, bool):
+            raise ValueError(f"variants must be a bool, got {variants!r}")
+        _CONFIG.variants = variants
     if cache_path is False:
         _CONFIG.cache_path = None
     elif cache_path is not None:
@@ -194,12 +213,17 @@ def clear_plans() -> None:
 
 @contextlib.contextmanager
 def forced(
-    strategy: str, chunk: int = 1, compute: str = "input", compiled: bool = False
+    strategy: str,
+    chunk: int = 1,
+    compute: str = "input",
+    compiled: bool = False,
+    route: str = "direct",
 ) -> Iterator[None]:
     """Run every stack with one plan inside the block (tests, and reproducing a plan).
 
-    ``chunk`` is used by ``"chunked"`` only. Raises ``ValueError`` on an unknown strategy or
-    compute dtype.
+    ``chunk`` is used by ``"chunked"`` only. ``route`` applies to the kernels that offer it
+    (``"gram"``: Newton–Schulz on wide matrices); the others run directly. Raises
+    ``ValueError`` on an unknown strategy, compute dtype or route.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -207,8 +231,10 @@ def forced(
         raise ValueError(f"compute must be 'input' or 'float32', got {compute!r}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
     previous = _CONFIG.forced
-    _CONFIG.forced = Plan(strategy, chunk, compute, compiled, source="forced")
+    _CONFIG.forced = Plan(strategy, chunk, compute, compiled, route, source="forced")
     try:
         yield
     finally:
@@ -276,12 +302,17 @@ def machine_stamp() -> dict[str, Any]:
 def _run_plan(
     plan: Plan,
     X: Tensor,
-    fn: Callable[[Tensor], Tensor],
-    compiled: Callable[[], Callable[[Tensor], Tensor]] | None,
+    fn: Kernel,
+    compiled: Callable[[], Kernel] | None,
+    variants: Mapping[str, Kernel],
 ) -> Tensor:
-    kernel = compiled() if (plan.compiled and compiled is not None) else fn
+    if plan.route in variants:
+        kernel = variants[plan.route]
+    else:
+        kernel = compiled() if (plan.compiled and compiled is not None) else fn
     if plan.compute == "float32" and X.dtype in _HALF:  # never a downcast of float64 input
-        return _run_plan(replace(plan, compute="input"), X.float(), fn, compiled).to(X.dtype)
+        upcast = replace(plan, compute="input")
+        return _run_plan(upcast, X.float(), fn, compiled, variants).to(X.dtype)
     count = X.shape[0]
     if plan.strategy == "batched" or plan.chunk >= count:
         return kernel(X)
@@ -295,7 +326,7 @@ def _run_plan(
     return out
 
 
-def _candidates(key: BucketKey, compile_ok: bool) -> list[Plan]:
+def _candidates(key: BucketKey, compile_ok: bool, routes: Iterable[str] = ()) -> list[Plan]:
     count = key.count
     shapes = [Plan("batched", count), Plan("looped", 1)]
     for chunk in (count // 2, count // 4):
@@ -307,24 +338,34 @@ def _candidates(key: BucketKey, compile_ok: bool) -> list[Plan]:
         # One compiled candidate per compute dtype: every other stack shape would be one more
         # graph to compile (seconds each), and on the shapes measured the batched graph won.
         plans += [Plan("batched", count, compute=c, compiled=True) for c in computes]
+    for route in routes:
+        # A variant runs batched and looped only (chunks seldom won for the direct route).
+        plans += [replace(p, compute=c, route=route) for c in computes for p in shapes[:2]]
     return plans
 
 
-def _time(plan: Plan, X: Tensor, fn: Callable, compiled: Callable | None) -> tuple[float, Tensor]:
+def _time(
+    plan: Plan, X: Tensor, fn: Kernel, compiled: Callable | None, variants: Mapping[str, Kernel]
+) -> tuple[float, Tensor]:
     sync = torch.cuda.synchronize if X.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    out = _run_plan(plan, X, fn, compiled)
+    out = _run_plan(plan, X, fn, compiled, variants)
     sync()
     return time.perf_counter() - start, out
 
 
 def _measure(
-    key: BucketKey, X: Tensor, fn: Callable, compiled: Callable | None, rounds: int = 2
+    key: BucketKey,
+    X: Tensor,
+    fn: Kernel,
+    compiled: Callable | None,
+    variants: Mapping[str, Kernel],
+    rounds: int = 2,
 ) -> tuple[Plan, Tensor]:
     """Time every candidate ``rounds`` times, interleaved; keep the fastest by its best time."""
     compile_ok = compiled is not None and key.kernel not in _COMPILE_FAILED
-    plans = _candidates(key, compile_ok)
+    plans = _candidates(key, compile_ok, variants)
     compile_s = 0.0
     if compile_ok:
         # The first call of each compiled candidate compiles; time it apart so that it neither
@@ -333,7 +374,7 @@ def _measure(
         try:
             for plan in plans:
                 if plan.compiled:
-                    compile_s += _time(plan, X, fn, compiled)[0]
+                    compile_s += _time(plan, X, fn, compiled, variants)[0]
         except Exception as err:  # any backend failure means "not available"
             warnings.warn(
                 f"torch.compile unavailable for {key.kernel} ({err}); eager only", stacklevel=4
@@ -344,7 +385,7 @@ def _measure(
     outputs: list[Tensor | None] = [None] * len(plans)
     for _ in range(rounds):
         for i, plan in enumerate(plans):
-            seconds, outputs[i] = _time(plan, X, fn, compiled)
+            seconds, outputs[i] = _time(plan, X, fn, compiled, variants)
             best[i] = min(best[i], seconds)
     w = min(range(len(plans)), key=best.__getitem__)
     winner = plans[w]
@@ -363,12 +404,8 @@ def _measure(
 
 
 def _same(a: Plan, b: Plan) -> bool:
-    return (a.strategy, a.chunk, a.compute, a.compiled) == (
-        b.strategy,
-        b.chunk,
-        b.compute,
-        b.compiled,
-    )
+    fields = ("strategy", "chunk", "compute", "compiled", "route")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
 
 
 def _flops(key: BucketKey) -> float:
@@ -385,9 +422,10 @@ def plan_for(key: BucketKey) -> Plan | None:
 def run_stack(
     kernel: str,
     X: Tensor,
-    fn: Callable[[Tensor], Tensor],
+    fn: Kernel,
     *,
-    compiled: Callable[[], Callable[[Tensor], Tensor]] | None = None,
+    compiled: Callable[[], Kernel] | None = None,
+    variants: Mapping[str, Kernel] | None = None,
     measure: bool | None = None,
 ) -> Tensor:
     """Run the batch-agnostic ``fn`` on the ``(count, m, n)`` stack ``X`` with the bucket's plan.
@@ -395,13 +433,17 @@ def run_stack(
     ``kernel`` names ``fn`` and its work (plans are shared by every call with the same name and
     bucket, so two kernels of different cost must not share a name). ``compiled`` returns the
     ``torch.compile``-d ``fn`` (or is ``None``); it is called only when a compiled plan runs, so
-    the compiler stack is not imported otherwise. ``measure=True`` times the candidates now even for
-    a small bucket (:func:`orthotorch.tune`); ``None`` follows the policy.
+    the compiler stack is not imported otherwise. ``variants`` maps route names (:data:`ROUTES`)
+    to other batch-agnostic kernels with the same result in exact arithmetic; they are timed as
+    candidates beside ``fn`` (never by default: the default plan runs ``fn``). ``measure=True``
+    times the candidates now even for a small bucket (:func:`orthotorch.tune`); ``None``
+    follows the policy.
     """
     if X.ndim != 3:
         raise ValueError(f"run_stack expects a (count, m, n) stack, got shape {tuple(X.shape)}")
+    variants = {} if variants is None else dict(variants)
     if _CONFIG.forced is not None:
-        return _run_plan(_CONFIG.forced, X, fn, compiled)
+        return _run_plan(_CONFIG.forced, X, fn, compiled, variants)
     key = bucket_key(kernel, X)
     plan = None if _CONFIG.remeasure else plan_for(key)
     if plan is None:
@@ -412,13 +454,14 @@ def run_stack(
         else:
             wanted = _CONFIG.measure and _flops(key) >= MEASURE_FROM_FLOPS
         if not wanted or torch.compiler.is_compiling():
-            return _run_plan(default_plan(key.device, key.count), X, fn, compiled)
-        plan, out = _measure(key, X, fn, compiled if _CONFIG.compile else None)
+            return _run_plan(default_plan(key.device, key.count), X, fn, compiled, variants)
+        offered = variants if _CONFIG.variants else {}
+        plan, out = _measure(key, X, fn, compiled if _CONFIG.compile else None, offered)
         _PLANS[key] = plan
         _MEASURED_LOG.append(key)
         _save_disk()
         return out
-    return _run_plan(plan, X, fn, compiled)
+    return _run_plan(plan, X, fn, compiled, variants)
 
 
 def plan_table() -> list[dict[str, Any]]:
@@ -465,7 +508,11 @@ def _load_disk() -> None:
         for text, fields in data["plans"].items():
             key = BucketKey.from_text(text)
             plan = Plan(**fields)
-            if plan.strategy not in STRATEGIES or plan.compute not in ("input", "float32"):
+            if (
+                plan.strategy not in STRATEGIES
+                or plan.compute not in ("input", "float32")
+                or plan.route not in ROUTES
+            ):
                 raise ValueError(f"bad plan {fields!r}")
             loaded[key] = replace(plan, source="cache")
     except (OSError, ValueError, TypeError, KeyError) as err:
