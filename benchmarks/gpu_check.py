@@ -5,11 +5,14 @@ chunked, float32 compute, ``torch.compile``-d) for every registered Newton–Sch
 and float32, against the float64 CPU iteration. Optimizers: one step of each from identical
 parameters and gradients on CPU and CUDA (the AdamW groups run the foreach AdamW, the low-rank
 optimizers their DCT/SVD kernels, ARO its rotation kernel), compared entry-wise relative to the
-update size. Then step times on CUDA as ratios to torch.optim.Muon (median and min, interleaved).
+update size. Then step times on CUDA as ratios to torch.optim.Muon (median and min, interleaved),
+on the reference set and on a larger one (``--width``, default 2048: square, 4x and 1/4x
+matrices as in a transformer block), and the Newton–Schulz kernel on its direct and Gram routes
+at transformer shapes (CUDA-event timings, bf16, one batched call).
 
 Exits with status 0 and a message when CUDA is absent (the test suite never needs a GPU).
 
-    python benchmarks/gpu_check.py [--quick] [--repeats 20]
+    python benchmarks/gpu_check.py [--quick] [--repeats 20] [--width 2048]
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def check_kernels(quick: bool) -> None:
     count, m, n = (4, 64, 128) if quick else (8, 512, 1024)
     G = torch.randn(count, m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     plans = [("batched", 1, "input"), ("looped", 1, "input"), ("chunked", 2, "input")]
-    plans += [("batched", 1, "float32")]
+    plans += [("batched", 1, "float32"), ("batched", 1, "input", False, "gram")]
     for method in available_methods():
         spec = get_method(method)
         if spec.schedule is None or method == "aol":  # aol: compared with its CPU result below
@@ -59,7 +62,10 @@ def check_kernels(quick: bool) -> None:
                 with dispatch.forced(*plan):
                     out = orthotorch.linalg.orthogonalize(G.cuda().to(dtype), method, dtype=dtype)
                 err = (out.double().cpu() - exact).abs().max().item()
-                report(f"ns {method} {plan[0]}/{plan[2]} {str(dtype)[6:]}", err, tol)
+                # The Gram route rounds Q and R too: twice the direct route's bf16 error on CPU.
+                tol = 2 * tol if plan[-1] == "gram" else tol
+                label = f"{plan[0]}/{plan[2]}" + ("/gram" if plan[-1] == "gram" else "")
+                report(f"ns {method} {label} {str(dtype)[6:]}", err, tol)
     cpu = orthotorch.linalg.orthogonalize(G.float(), "aol", dtype=torch.float32)
     for plan in plans:
         with dispatch.forced(*plan):
@@ -163,10 +169,104 @@ def check_optimizers(quick: bool, repeats: int) -> None:
         print(f"| {name} | {med * 1e3:.2f} | {med / ref_med:.2f}x / {low / ref_min:.2f}x |")
 
 
+def cuda_ms(fn, repeats: int) -> float:
+    """Median of ``repeats`` CUDA-event timings after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def time_routes(repeats: int) -> None:
+    """Direct vs Gram route of five Polar Express steps, bf16, one batched call per stack."""
+    from orthotorch.linalg import newton_schulz as ns_module
+
+    ns = sys.modules[ns_module.__module__]
+    table = ns.POLAR_EXPRESS_COEFFICIENTS
+    print("\n| stack (bf16) | direct ms | gram ms | gram / direct | products ratio |")
+    print("|---|---|---|---|---|")
+    for count, m, n in ((8, 512, 2048), (16, 1024, 4096), (8, 2048, 8192), (4, 4096, 16384)):
+        X = torch.randn(count, m, n, device="cuda", dtype=torch.bfloat16) / (m * n) ** 0.5
+        restarts = ns.gram_restarts(5)
+        direct = cuda_ms(lambda X=X: ns.iterate_quintic(X, table), repeats)
+        gram = cuda_ms(lambda X=X, r=restarts: ns.iterate_gram_quintic(X, table, r), repeats)
+        ratio = ns.gram_products(m, n, 5, restarts) / (5 * (2 * m * m * n + m**3))
+        row = (
+            f"| {count}x{m}x{n} | {direct:.2f} | {gram:.2f} | {gram / direct:.2f}x | {ratio:.2f} |"
+        )
+        print(row)
+
+
+def time_large(width: int, repeats: int) -> None:
+    """Step times on a larger transformer-like set built on the GPU (gradients drawn there)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(width, width)] * 4 + [(4 * width, width), (width, 4 * width)]
+    layers = 4
+
+    def params():
+        hidden = [
+            nn.Parameter(torch.randn(s, device="cuda", generator=gen) * s[1] ** -0.5)
+            for _ in range(layers)
+            for s in shapes
+        ]
+        adamw = [nn.Parameter(torch.randn(32768, width, device="cuda", generator=gen) * 0.02)]
+        return hidden, adamw
+
+    rows = {
+        "torch.optim.Muon": lambda h, a: TorchMuon(h, a),
+        "orthotorch.Muon[polar_express]": lambda h, a: orthotorch.Muon(
+            [{"params": h}, {"params": a, "algorithm": "adamw"}], lr=0.02, adamw_lr=3e-3
+        ),
+        "orthotorch.Muon[aol]": lambda h, a: orthotorch.Muon(
+            [{"params": h}, {"params": a, "algorithm": "adamw"}],
+            lr=0.02,
+            adamw_lr=3e-3,
+            ns_method="aol",
+        ),
+    }
+    built = {}
+    for name, make in rows.items():
+        hidden, adamw = params()
+        built[name] = (make(hidden, adamw), hidden + adamw)
+    times: dict[str, list[float]] = {n: [] for n in built}
+    for r in range(3 + repeats):
+        for name, (opt, ps) in built.items():
+            for p in ps:
+                p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            opt.step()
+            torch.cuda.synchronize()
+            if r >= 3:
+                times[name].append(time.perf_counter() - t0)
+    ref_med = statistics.median(times["torch.optim.Muon"])
+    ref_min = min(times["torch.optim.Muon"])
+    print(f"\nwidth {width}, {layers} layers of {shapes} + a 32768x{width} AdamW embedding")
+    print("| optimizer | step ms (median) | ratio to torch.optim.Muon (median / min) |")
+    print("|---|---|---|")
+    for name, ts in times.items():
+        med, low = statistics.median(ts), min(ts)
+        print(f"| {name} | {med * 1e3:.2f} | {med / ref_med:.2f}x / {low / ref_min:.2f}x |")
+    print("\ndispatch plans (orthotorch.linalg.plan_table()):")
+    for row in orthotorch.linalg.plan_table():
+        print(
+            f"  {row['kernel']} {row['count']}x{row['rows']}x{row['cols']} {row['dtype']}: "
+            f"{row['plan']} {row['ms']:.2f} ms (default {row['default_ms']:.2f} ms)"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, few rounds")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--width", type=int, default=2048, help="larger set's width (0: skip it)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: CUDA is not available on this machine; nothing to check.")
@@ -174,6 +274,9 @@ def main() -> int:
     repeats = 3 if args.quick else args.repeats
     check_kernels(args.quick)
     check_optimizers(args.quick, repeats)
+    time_routes(repeats)
+    if args.width:
+        time_large(args.width, repeats)
     if FAILURES:
         print(f"\n{len(FAILURES)} check(s) failed: {', '.join(FAILURES)}")
         return 1
