@@ -88,13 +88,16 @@ def test_param_cols_rejects_a_width_no_shape_packs_to() -> None:
         param_cols(4, 7)
 
 
-@pytest.mark.parametrize("path", ["cpu_loop", "batched", "2d"])
+@pytest.mark.parametrize("path", ["cpu_loop", "batched", "2d", "cholesky"])
 def test_kernel_matches_reference_and_rotation_is_orthogonal(path: str, monkeypatch) -> None:
-    """The packed kernel (per-matrix CPU loop, batched stack, single 2-D matrix) equals the
-    readable float64 reference, for tall and wide matrices, from a given rotation and from the
-    zero (identity) state."""
+    """The packed kernel (per-matrix CPU loop, batched stack, single 2-D matrix, the
+    accelerators' CholeskyQR2 route forced on the CPU) equals the readable float64 reference,
+    for tall and wide matrices, from a given rotation and from the zero (identity) state."""
     # Small matrices run batched; a zero threshold sends them through the loop instead.
     monkeypatch.setattr(aro_functional, "_CPU_LOOP_FROM", 0 if path == "cpu_loop" else 1 << 62)
+    if path == "cholesky":
+        qr_q = aro_functional._qr_q
+        monkeypatch.setattr(aro_functional, "_qr_q", lambda A: qr_q(A, route="cholesky"))
     gen = torch.Generator().manual_seed(0)
     for shape in [(12, 5), (5, 12), (20, 16)]:
         M = torch.randn(3, *shape, generator=gen)
@@ -119,6 +122,25 @@ def test_kernel_matches_reference_and_rotation_is_orthogonal(path: str, monkeypa
                 assert torch.allclose(R_new, R_ref, atol=1e-4)
                 eye = torch.eye(k, dtype=torch.float64)
                 assert torch.allclose(R_new.T @ R_new, eye, atol=1e-5)
+
+
+def test_cholesky_qr_route_matches_householder_and_falls_back() -> None:
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randn(4, 32, 32, generator=gen)
+    householder = aro_functional._qr_q(A, route="householder")
+    cholesky = aro_functional._qr_q(A, route="cholesky")
+    assert (cholesky - householder).abs().max() < 1e-4  # same sign convention: diag(T) > 0
+    assert torch.equal(aro_functional._qr_q(A), householder)  # the CPU's default route
+    # Rank 10 of 32: a singular Gram matrix; the whole stack falls back to Householder.
+    low = torch.randn(4, 32, 10, generator=gen) @ torch.randn(4, 10, 32, generator=gen)
+    _, ok = aro_functional._cholesky_qr2(low)
+    assert not ok.all()
+    fallback = aro_functional._qr_q(low, route="cholesky")
+    assert torch.equal(fallback, aro_functional._qr_q(low, route="householder"))
+    eye = torch.eye(32)
+    assert torch.allclose(fallback.mT @ fallback, eye.expand(4, 32, 32), atol=1e-5)
+    with pytest.raises(ValueError, match="route must be 'householder' or 'cholesky', got 'lu'"):
+        aro_functional._qr_q(A, route="lu")
 
 
 def test_step_is_rms_matched_and_state_holds_rotation() -> None:
