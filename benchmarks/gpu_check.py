@@ -149,10 +149,16 @@ def check_optimizers(quick: bool, repeats: int) -> None:
             worst = max(worst, (g.detach().cpu() - c.detach()).norm().item() / update)
         report(f"step {name} CUDA vs CPU (relative to the update)", worst, 5e-2)
         built[name] = (gpu_opt, gpu_params)
+    title = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {repeats} rounds"
+    time_steps(built, repeats, lambda params, r: set_random_gradients(params, seed=r), title)
+
+
+def time_steps(built: dict, repeats: int, set_gradients, title: str) -> None:
+    """Interleaved step times after 3 warm-up rounds, as ratios to torch.optim.Muon."""
     times: dict[str, list[float]] = {n: [] for n in built}
     for r in range(3 + repeats):
         for name, (opt, params) in built.items():
-            set_random_gradients(params, seed=r)
+            set_gradients(params, r)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             opt.step()
@@ -161,7 +167,7 @@ def check_optimizers(quick: bool, repeats: int) -> None:
                 times[name].append(time.perf_counter() - t0)
     ref_med = statistics.median(times["torch.optim.Muon"])
     ref_min = min(times["torch.optim.Muon"])
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {repeats} rounds")
+    print(f"\n{title}")
     print("| optimizer | step ms (median) | ratio to torch.optim.Muon (median / min) |")
     print("|---|---|---|")
     for name, ts in times.items():
@@ -235,25 +241,13 @@ def time_large(width: int, repeats: int) -> None:
     for name, make in rows.items():
         hidden, adamw = params()
         built[name] = (make(hidden, adamw), hidden + adamw)
-    times: dict[str, list[float]] = {n: [] for n in built}
-    for r in range(3 + repeats):
-        for name, (opt, ps) in built.items():
-            for p in ps:
-                p.grad = torch.randn(p.shape, device="cuda", generator=gen)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            opt.step()
-            torch.cuda.synchronize()
-            if r >= 3:
-                times[name].append(time.perf_counter() - t0)
-    ref_med = statistics.median(times["torch.optim.Muon"])
-    ref_min = min(times["torch.optim.Muon"])
-    print(f"\nwidth {width}, {layers} layers of {shapes} + a 32768x{width} AdamW embedding")
-    print("| optimizer | step ms (median) | ratio to torch.optim.Muon (median / min) |")
-    print("|---|---|---|")
-    for name, ts in times.items():
-        med, low = statistics.median(ts), min(ts)
-        print(f"| {name} | {med * 1e3:.2f} | {med / ref_med:.2f}x / {low / ref_min:.2f}x |")
+
+    def draw(ps, r):
+        for p in ps:
+            p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+
+    title = f"width {width}, {layers} layers of {shapes} + a 32768x{width} AdamW embedding"
+    time_steps(built, repeats, draw, title)
     print("\ndispatch plans (orthotorch.linalg.plan_table()):")
     for row in orthotorch.linalg.plan_table():
         print(
