@@ -131,14 +131,27 @@ def test_cholesky_qr_route_matches_householder_and_falls_back() -> None:
     cholesky = aro_functional._qr_q(A, route="cholesky")
     assert (cholesky - householder).abs().max() < 1e-4  # same sign convention: diag(T) > 0
     assert torch.equal(aro_functional._qr_q(A), householder)  # the CPU's default route
-    # Rank 10 of 32: a singular Gram matrix; the whole stack falls back to Householder.
+    # Condition number 1e10: beyond plain CholeskyQR2 in float64 (1e8), within the shifted one.
+    U, _ = torch.linalg.qr(torch.randn(4, 32, 32, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(4, 32, 32, generator=gen, dtype=torch.float64))
+    bad = (U * torch.logspace(0, -10, 32, dtype=torch.float64)) @ V.mT
+    Q, ok = aro_functional._shifted_cholesky_qr(bad)
+    assert ok.all()
+    assert (Q - aro_functional._householder_q(bad)).abs().max() < 1e-4
+    # Rank 10 of 32 (float32): the shift still factors it; Q is an orthonormal completion with
+    # A = Q T, T upper triangular (the QR of a rank-deficient matrix is not unique).
     low = torch.randn(4, 32, 10, generator=gen) @ torch.randn(4, 10, 32, generator=gen)
-    _, ok = aro_functional._cholesky_qr2(low)
-    assert not ok.all()
-    fallback = aro_functional._qr_q(low, route="cholesky")
-    assert torch.equal(fallback, aro_functional._qr_q(low, route="householder"))
+    Q = aro_functional._qr_q(low, route="cholesky")
     eye = torch.eye(32)
-    assert torch.allclose(fallback.mT @ fallback, eye.expand(4, 32, 32), atol=1e-5)
+    assert torch.allclose(Q.mT @ Q, eye.expand(4, 32, 32), atol=1e-5)
+    T = Q.mT @ low
+    assert torch.allclose(Q @ T.triu(), low, atol=1e-4 * low.abs().max())
+    # A zero matrix has no Cholesky factor: the whole stack falls back to Householder.
+    stack = torch.cat([A[:3], torch.zeros(1, 32, 32)])
+    _, ok = aro_functional._shifted_cholesky_qr(stack)
+    assert ok.tolist() == [True, True, True, False]
+    fallback = aro_functional._qr_q(stack, route="cholesky")
+    assert torch.equal(fallback, aro_functional._qr_q(stack, route="householder"))
     with pytest.raises(ValueError, match="route must be 'householder' or 'cholesky', got 'lu'"):
         aro_functional._qr_q(A, route="lu")
 

@@ -170,22 +170,35 @@ def _householder_q(A: Tensor) -> Tensor:
 CHOLESKY_QR_TOLERANCE = 1e-5
 
 
-def _cholesky_qr2(A: Tensor) -> tuple[Tensor, Tensor]:
-    """``(Q, ok)``: CholeskyQR2 in float64, ``Q = A L_1^{-T} L_2^{-T}`` with ``L_i`` the
-    Cholesky factors of the Gram matrices; ``ok`` says per matrix that both factorisations
-    succeeded and ``Q`` is orthonormal to :data:`CHOLESKY_QR_TOLERANCE`.
+def _shifted_cholesky_qr(A: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Q, ok)``: shifted CholeskyQR3 in float64 (Fukaya et al., 2020); ``ok`` says per matrix
+    that every factorisation succeeded and ``Q`` is orthonormal to
+    :data:`CHOLESKY_QR_TOLERANCE`.
 
-    ``T = L_2^T L_1^T`` has a positive diagonal, the sign convention of :func:`_householder_q`,
-    so for a full-rank ``A`` both give the same ``Q`` up to rounding. A rank-deficient ``A``
-    (a momentum of rank below the matrix side) has a singular Gram matrix: ``ok`` is false.
+    Each pass factors the Gram matrix ``QᵀQ = L Lᵀ`` and sets ``Q <- Q L^{-T}``. The first pass
+    adds ``s I`` with ``s = 11 (mk + k(k+1)) u ||A||_F^2`` to the Gram matrix, so that its
+    Cholesky factorisation succeeds for condition numbers up to ~``1/u`` rather than
+    ``1/sqrt(u)``. ARO's ``M f(RᵀM)ᵀ`` is roughly a square of the momentum, whose condition
+    number exceeds ``1/sqrt(u) = 1e8`` often enough that plain CholeskyQR2 fell back on most
+    steps on an H200. Two plain passes then restore orthogonality.
+
+    ``T = L_3ᵀ L_2ᵀ L_1ᵀ`` has a positive diagonal: the sign convention of
+    :func:`_householder_q`, so for a full-rank ``A`` both give the same ``Q`` up to rounding. A
+    numerically rank-deficient ``A`` leaves ``Q`` short of orthonormal: ``ok`` is false.
     """
     Q = A.double()
+    m, k = Q.shape[-2], Q.shape[-1]
+    unit = torch.finfo(torch.float64).eps / 2
+    shift = 11 * (m * k + k * (k + 1)) * unit * Q.square().sum(dim=(-2, -1), keepdim=True)
+    eye = torch.eye(k, dtype=Q.dtype, device=Q.device)
     ok = torch.ones(A.shape[:-2], dtype=torch.bool, device=A.device)
-    for _ in range(2):
-        L, info = torch.linalg.cholesky_ex(Q.mT @ Q)
+    for shifted in (True, False, False):
+        gram = Q.mT @ Q
+        if shifted:
+            gram = gram + shift * eye
+        L, info = torch.linalg.cholesky_ex(gram)
         ok &= info == 0
         Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
-    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
     error = (Q.mT @ Q - eye).abs().amax(dim=(-2, -1))
     ok &= error <= CHOLESKY_QR_TOLERANCE  # also false for NaN
     return Q.to(A.dtype), ok
@@ -195,9 +208,9 @@ def _qr_q(A: Tensor, route: str | None = None) -> Tensor:
     """``Q`` of ``A = QT`` with ``diag(T) >= 0`` for a stack of square matrices.
 
     ``route``: ``"householder"`` (LAPACK/cuSOLVER ``geqrf``) or ``"cholesky"``
-    (:func:`_cholesky_qr2`, falling back to Householder for the whole stack when any matrix is
-    rank-deficient, which costs one host sync); ``None`` picks Householder on the CPU and
-    Cholesky elsewhere. Measured for 24 ``512 x 512`` float32 matrices
+    (:func:`_shifted_cholesky_qr`, shifted CholeskyQR3, falling back to Householder for the whole
+    stack when any matrix fails it, which costs one host sync); ``None`` picks Householder on the
+    CPU and Cholesky elsewhere. Measured for 24 ``512 x 512`` float32 matrices
     (``benchmarks/qr_routes.py``): on an H200 Householder took 44 ms (cuSOLVER's ``geqrf`` runs
     a panel kernel per column block, ~85% of ARO's step there) and CholeskyQR2 in float64
     3.4 ms; on the CPU CholeskyQR2 was 8.9x slower than Householder.
@@ -205,7 +218,7 @@ def _qr_q(A: Tensor, route: str | None = None) -> Tensor:
     if route is None:
         route = "householder" if A.device.type == "cpu" else "cholesky"
     if route == "cholesky":
-        Q, ok = _cholesky_qr2(A)
+        Q, ok = _shifted_cholesky_qr(A)
         if bool(ok.all()):
             return Q
     elif route != "householder":
