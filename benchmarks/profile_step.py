@@ -4,7 +4,7 @@ For the rows of ``step_time.py`` that stand out on a device (ARO and the bf16-st
 H200, ``benchmarks/gpu_results``), this prints the operators by self time (device time on CUDA,
 CPU time elsewhere) over a few steps after warm-up, so a fix can aim at the real cost.
 
-    python benchmarks/profile_step.py [--device cuda] [--optimizers aro,muon-bf16-state]
+    python benchmarks/profile_step.py [--device cuda] [--optimizers aro,muon-bf16-state] [--quick]
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ def main() -> None:
     ap.add_argument("--optimizers", default="aro,muon-bf16-state")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--quick", action="store_true", help="Muon only, one step (smoke test)")
     args = ap.parse_args()
+    if args.quick:
+        args.optimizers, args.steps, args.top = "muon", 1, 5
     cuda = args.device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     for name in args.optimizers.split(","):

@@ -11,7 +11,7 @@ their distance to the Householder ``Q`` (signs fixed so that ``diag(T) > 0``):
   exact only for full-rank ``A`` (a rank-deficient momentum makes ``G`` singular);
 - ``cpu-roundtrip``: the Householder route on the CPU, with the copies.
 
-    python benchmarks/qr_routes.py [--device cuda] [--count 24] [--size 512]
+    python benchmarks/qr_routes.py [--device cuda] [--count 24] [--size 512] [--quick]
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=24)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="4 x 64x64, 2 rounds (smoke test)")
     args = ap.parse_args()
+    if args.quick:
+        args.count, args.size, args.repeats = 4, 64, 2
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     A = torch.randn(args.count, args.size, args.size, generator=gen).to(args.device)
