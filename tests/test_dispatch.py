@@ -268,6 +268,8 @@ def test_gram_route_is_offered_where_it_saves_products() -> None:
     assert ns._gram_variant(torch.empty(2, 64, 64), table) == {}  # square: more products
     assert ns._gram_variant(torch.empty(2, 64, 90), table) == {}  # below 1.5x wide
     assert ns._gram_variant(torch.empty(2, 64, 256), [ns.MUON_COEFFICIENTS]) == {}  # one step
+    # AOL: the last two of four steps on the Gram matrix, 6 m^2 n + 7 m^3 (0.86x at n = 4m).
+    assert ns.gram_products(512, 2048, 4, ns.AOL_GRAM_RESTARTS) == 6 * 512**2 * 2048 + 7 * 512**3
     key = dispatch.bucket_key("ns5", torch.empty(4, 64, 256, dtype=torch.bfloat16))
     routes = [p.route for p in dispatch._candidates(key, False, ["gram"])]
     assert routes.count("gram") == 4  # batched and looped, in bf16 and float32

@@ -59,7 +59,7 @@ def test_method_band_ill_conditioned(method: str) -> None:
     check_band(with_singular_values((64, 128), s), method)
 
 
-@pytest.mark.parametrize("method", ["muon", "polar_express", "jiacheng", "root"])
+@pytest.mark.parametrize("method", ["muon", "polar_express", "jiacheng", "root", "aol"])
 @pytest.mark.parametrize("spectrum", ["gaussian", "cond1e6"])
 def test_method_band_on_the_gram_route(method: str, spectrum: str) -> None:
     """The Gram route (dispatch's ``gram`` variant, wide stacks) keeps each method's band."""

@@ -174,18 +174,27 @@ def gram_products(rows: int, cols: int, steps: int, restarts: Sequence[int]) -> 
     return wide * m * m * n + square * m**3
 
 
-def _gram_variant(X: Tensor, table: Sequence[Coefficients]) -> dict[str, Callable[..., Tensor]]:
+def _gram_variant(
+    X: Tensor,
+    table: Sequence[Coefficients],
+    restarts: Sequence[int] | None = None,
+    kernel: Callable[..., Tensor] | None = None,
+) -> dict[str, Callable[..., Tensor]]:
     # Offered to the dispatch only where it does fewer multiply-adds than the direct iteration
     # (cols > 1.5 rows for five steps); the measurement decides whether that pays.
     m, n, k = X.shape[-2], X.shape[-1], len(table)
-    restarts = gram_restarts(k)
+    restarts = gram_restarts(k) if restarts is None else tuple(restarts)
     if gram_products(m, n, k, restarts) >= k * (2 * m * m * n + m**3):
         return {}
-    return {"gram": partial(iterate_gram_quintic, coefficients=table, restarts=restarts)}
+    kernel = iterate_gram_quintic if kernel is None else kernel
+    return {"gram": partial(kernel, coefficients=table, restarts=restarts)}
 
 
 def iterate_gram_quintic(
-    X: Tensor, coefficients: Sequence[Coefficients], restarts: Sequence[int] = ()
+    X: Tensor,
+    coefficients: Sequence[Coefficients],
+    restarts: Sequence[int] = (),
+    gram: Tensor | None = None,
 ) -> Tensor:
     """The quintic iteration of :func:`iterate_quintic` run on the ``m x m`` Gram matrix.
 
@@ -206,11 +215,11 @@ def iterate_gram_quintic(
     restarts before steps 1 and 3 cost ``6 m^2 n + 11 m^3`` multiply-adds against
     ``10 m^2 n + 5 m^3`` directly: 0.78x at ``n = 4m``, 0.71x at ``n = 8m``, more than 1x below
     ``n = 1.5m`` (:func:`gram_products`). ``X`` is wide and normalised, ``(m, n)`` or
-    ``(k, m, n)``.
+    ``(k, m, n)``; ``gram`` is ``X X^T`` when the caller already has it (the AOL start).
     """
     addmm = torch.baddbmm if X.ndim == 3 else torch.addmm
     restarts = set(restarts)
-    R = X @ X.mT
+    R = X @ X.mT if gram is None else gram
     Q: Tensor | None = None
     last = len(coefficients) - 1
     for k, (a, b, c) in enumerate(coefficients):
@@ -274,10 +283,29 @@ def aol_newton_schulz(
     table = tuple((float(a), float(b), float(c)) for a, b, c in coefficients)
     if X.ndim == 2:
         return iterate_aol(X, table, eps)
-    # No Gram route: four steps leave room for one restart, and before step 2 or 3 it widened
-    # the bf16 band (to 1.24 on low-rank-plus-noise, resp. 1.26 on condition number 1e3,
-    # 512x2048, against 1.09 directly); two restarts would save ~14% of the products at n = 4m.
-    return run_stack(f"aol{len(table)}", X, partial(iterate_aol, coefficients=table, eps=eps))
+    return run_stack(
+        f"aol{len(table)}",
+        X,
+        partial(iterate_aol, coefficients=table, eps=eps),
+        variants=_gram_variant(X, table, AOL_GRAM_RESTARTS, partial(iterate_aol_gram, eps=eps)),
+    )
+
+
+# Restarts of the AOL Gram route, measured like gram_restarts (bf16, 64x256 to 512x2048, four
+# spectra, two seeds; largest output singular value, direct 1.096): before step 1 alone 2.07,
+# before 2 alone 1.42, before 1 and 3 1.16, before 1 and 2 1.107. Only the last two steps run
+# on the Gram matrix: 6 m^2 n + 7 m^3 multiply-adds against 8 m^2 n + 4 m^3 (0.86x at n = 4m).
+AOL_GRAM_RESTARTS = (1, 2)
+
+
+def iterate_aol_gram(
+    X: Tensor, coefficients: Sequence[Coefficients], restarts: Sequence[int], eps: float = 1e-7
+) -> Tensor:
+    """:func:`iterate_aol` on the Gram route (:func:`iterate_gram_quintic`), which starts from
+    the AOL Gram ``D A D`` at no extra product."""
+    A = X @ X.mT
+    d = A.abs().sum(dim=-1, keepdim=True).clamp_min(eps).rsqrt()
+    return iterate_gram_quintic(X * d, coefficients, restarts, gram=A * d * d.mT)
 
 
 def iterate_aol(X: Tensor, coefficients: Sequence[Coefficients], eps: float = 1e-7) -> Tensor:
