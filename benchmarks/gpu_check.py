@@ -70,7 +70,8 @@ def check_kernels(quick: bool) -> None:
     for plan in plans:
         with dispatch.forced(*plan):
             out = orthotorch.linalg.orthogonalize(G.float().cuda(), "aol", dtype=torch.float32)
-        report(f"ns aol {plan[0]}/{plan[2]} vs CPU", (out.cpu() - cpu).abs().max().item(), 1e-3)
+        label = f"{plan[0]}/{plan[2]}" + ("/gram" if plan[-1] == "gram" else "")
+        report(f"ns aol {label} vs CPU", (out.cpu() - cpu).abs().max().item(), 1e-3)
     # Compiled: measured with compile candidates; then forced, against eager on the same device.
     X = G.cuda().bfloat16()
     start = time.perf_counter()
