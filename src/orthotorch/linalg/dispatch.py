@@ -11,7 +11,7 @@ can run as
 and, for half-precision input, in the input's dtype or in float32 (upcast in, round back out),
 eager or ``torch.compile``-d. A kernel may also offer *variants*: other routes to the same result
 in exact arithmetic, such as the Gram route of Newton–Schulz on wide matrices
-(:func:`~orthotorch.linalg.newton_schulz.iterate_gram_quintic`, fewer multiply-adds), timed
+(:func:`~orthotorch.linalg.iterate_gram_quintic`, fewer multiply-adds), timed
 beside the direct route. The fastest of these depends on the machine, the shape, the count,
 the dtype and the thread count: on one 2-core CPU a loop of bf16 2-D GEMMs beat ``bmm`` (84 vs
 115 ms for 16 512x512 matrices), on another the opposite held (162 vs 105 ms), and float32
