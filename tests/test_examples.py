@@ -40,11 +40,25 @@ def command(path: Path) -> list[str]:
     return [sys.executable, str(path), "--quick"]
 
 
+# gloo's teardown at interpreter exit can abort a rank ("terminate called without an active
+# exception", SIGABRT, no Python frame left) on a loaded machine. It is not ours: plain DDP with
+# torch.optim.AdamW in examples/ddp.py aborted 3 times in 14 runs beside a busy process (torch
+# 2.13, gloo, 2 cores). Such a run is retried once; any other failure is reported as it is.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
 def run(path: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run(
-        command(path), cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    cmd = command(path)
+    result = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
     )
+    distributed = "torch.distributed.run" in cmd
+    if distributed and result.returncode != 0 and GLOO_EXIT_ABORT in result.stderr:
+        result = subprocess.run(
+            cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
+    return result
 
 
 @pytest.fixture(scope="module")
