@@ -259,7 +259,8 @@ def test_float32_plan_never_downcasts_float64() -> None:
 
 def test_gram_route_is_offered_where_it_saves_products() -> None:
     table = ns.POLAR_EXPRESS_COEFFICIENTS
-    assert ns.gram_restarts(5) == (1, 3) and ns.gram_restarts(2) == ()
+    assert ns.gram_restarts(5) == (1, 3) and ns.gram_restarts(4) == (1, 3)
+    assert ns.gram_restarts(6) == (1, 3, 5) and ns.gram_restarts(1) == ()
     # Five steps, two restarts: 6 m^2 n + 11 m^3 against 10 m^2 n + 5 m^3.
     assert ns.gram_products(512, 2048, 5, (1, 3)) == 6 * 512**2 * 2048 + 11 * 512**3
     assert ns.gram_products(512, 2048, 5, (1, 3)) / (5 * (2 * 512**2 * 2048 + 512**3)) == 35 / 45
