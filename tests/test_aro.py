@@ -26,6 +26,7 @@ from orthotorch.functional.aro import (
     sinkhorn_normalize,
     sinkhorn_scalings,
 )
+from orthotorch.linalg import dispatch
 
 
 def test_sinkhorn_normalises_rows_and_columns_and_is_sign_equivariant() -> None:
@@ -122,6 +123,38 @@ def test_kernel_matches_reference_and_rotation_is_orthogonal(path: str, monkeypa
                 assert torch.allclose(R_new, R_ref, atol=1e-4)
                 eye = torch.eye(k, dtype=torch.float64)
                 assert torch.allclose(R_new.T @ R_new, eye, atol=1e-5)
+
+
+def _packed_stack(count: int, shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    k = min(shape)
+    R = torch.linalg.qr(torch.randn(count, k, k, generator=gen))[0]
+    M = torch.randn(count, *shape, generator=gen)
+    return torch.stack([pack(M[j], rotation_to_rows(R[j], shape[0])) for j in range(count)])
+
+
+@pytest.mark.parametrize("plan", [("batched", 1), ("looped", 1), ("chunked", 2)])
+def test_kernel_gives_one_result_under_every_dispatch_plan(plan: tuple[str, int]) -> None:
+    P = _packed_stack(4, (20, 12))
+    with dispatch.forced("batched"):
+        reference = aro_kernel(P)
+    with dispatch.forced(*plan):
+        assert torch.allclose(aro_kernel(P), reference, atol=1e-5)
+
+
+def test_kernel_plan_is_measured_per_bucket() -> None:
+    P = _packed_stack(3, (16, 24), seed=1)
+    saved = dict(dispatch._PLANS)
+    try:
+        with dispatch.measuring():
+            out = aro_kernel(P, dtype=torch.bfloat16)
+        (row,) = dispatch.last_measured()
+        assert row["kernel"] == "aro5-bfloat16" and row["count"] == 3
+        with dispatch.forced("batched"):
+            assert torch.allclose(out, aro_kernel(P, dtype=torch.bfloat16), atol=1e-2)
+    finally:
+        dispatch.clear_plans()
+        dispatch._PLANS.update(saved)
 
 
 def test_cholesky_qr_route_matches_householder_and_falls_back() -> None:

@@ -62,8 +62,12 @@ orthogonal matrix is never zero.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
+
+from ..linalg.dispatch import Plan, run_stack
 
 __all__ = [
     "MATMUL_DTYPES",
@@ -343,17 +347,31 @@ def aro_kernel(
         dtype = None
     P = X.mT if transposed else X
     cols = param_cols(P.shape[-2], P.shape[-1])
-    out = torch.empty(P.shape, dtype=P.dtype, device=P.device)
-    if P.ndim == 3 and P.device.type == "cpu" and P.shape[-2] * P.shape[-1] >= _CPU_LOOP_FROM:
-        # On CPU a loop beats batching for large matrices: 2-D GEMMs are ~20% faster than bmm
-        # (as in newton_schulz), and one matrix's temporaries stay in cache for the elementwise
-        # passes. Small ones are dominated by per-op overhead, which batching shares (measured,
-        # 8 packed matrices, 1 thread: 128x256 loop 13.5 vs batch 8.0 ms, 256x512 33.7 vs 45.7).
-        for i in range(P.shape[0]):
-            _aro_packed(P[i], out[i], cols, iters, refresh, dtype)
+    run = partial(_aro_stack, cols=cols, iters=iters, refresh=refresh, dtype=dtype)
+    if P.ndim == 2:
+        out = run(P)
     else:
-        _aro_packed(P, out, cols, iters, refresh, dtype)
+        # Batched, looped or chunked is measured per bucket (linalg.dispatch), as for
+        # Newton–Schulz. Unmeasured buckets (small ones, or measuring off) keep the rule that
+        # one measurement gave: on the CPU a loop for large matrices (2-D GEMMs beat bmm, and
+        # one matrix's temporaries stay in cache), a batch for small ones, where per-op overhead
+        # dominates (8 packed matrices, 1 thread: 128x256 loop 13.5 vs batch 8.0 ms, 256x512
+        # 33.7 vs 45.7).
+        small = P.device.type == "cpu" and P.shape[-2] * P.shape[-1] < _CPU_LOOP_FROM
+        default = Plan("batched", P.shape[0]) if small else None  # None: the device's default
+        products = "input" if dtype is None else str(dtype).removeprefix("torch.")
+        kernel = f"aro{iters}{'' if refresh else '-kept'}-{products}"
+        out = run_stack(kernel, P, run, default=default)
     return out.mT if transposed else out
+
+
+def _aro_stack(
+    P: Tensor, cols: int, iters: int, refresh: bool, dtype: torch.dtype | None
+) -> Tensor:
+    """:func:`_aro_packed` into a new tensor: the batch-agnostic kernel the dispatch runs."""
+    out = torch.empty(P.shape, dtype=P.dtype, device=P.device)
+    _aro_packed(P, out, cols, iters, refresh, dtype)
+    return out
 
 
 def _aro_packed(

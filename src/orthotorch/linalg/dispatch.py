@@ -361,6 +361,7 @@ def _measure(
     fn: Kernel,
     compiled: Callable | None,
     variants: Mapping[str, Kernel],
+    baseline: Plan,
     rounds: int = 2,
 ) -> tuple[Plan, Tensor]:
     """Time every candidate ``rounds`` times, interleaved; keep the fastest by its best time."""
@@ -389,7 +390,6 @@ def _measure(
             best[i] = min(best[i], seconds)
     w = min(range(len(plans)), key=best.__getitem__)
     winner = plans[w]
-    baseline = default_plan(key.device, key.count)
     baseline_s = next((best[i] for i, p in enumerate(plans) if _same(p, baseline)), math.nan)
     chosen = replace(
         winner,
@@ -427,6 +427,7 @@ def run_stack(
     compiled: Callable[[], Kernel] | None = None,
     variants: Mapping[str, Kernel] | None = None,
     measure: bool | None = None,
+    default: Plan | None = None,
 ) -> Tensor:
     """Run the batch-agnostic ``fn`` on the ``(count, m, n)`` stack ``X`` with the bucket's plan.
 
@@ -437,7 +438,8 @@ def run_stack(
     to other batch-agnostic kernels with the same result in exact arithmetic; they are timed as
     candidates beside ``fn`` (never by default: the default plan runs ``fn``). ``measure=True``
     times the candidates now even for a small bucket (:func:`orthotorch.tune`); ``None``
-    follows the policy.
+    follows the policy. ``default`` replaces :func:`default_plan` for this kernel where nothing
+    was measured (and is the baseline the measurement reports against).
     """
     if X.ndim != 3:
         raise ValueError(f"run_stack expects a (count, m, n) stack, got shape {tuple(X.shape)}")
@@ -453,10 +455,11 @@ def run_stack(
             wanted = measure
         else:
             wanted = _CONFIG.measure and _flops(key) >= MEASURE_FROM_FLOPS
+        fallback = default if default is not None else default_plan(key.device, key.count)
         if not wanted or torch.compiler.is_compiling():
-            return _run_plan(default_plan(key.device, key.count), X, fn, compiled, variants)
+            return _run_plan(fallback, X, fn, compiled, variants)
         offered = variants if _CONFIG.variants else {}
-        plan, out = _measure(key, X, fn, compiled if _CONFIG.compile else None, offered)
+        plan, out = _measure(key, X, fn, compiled if _CONFIG.compile else None, offered, fallback)
         _PLANS[key] = plan
         _MEASURED_LOG.append(key)
         _save_disk()
