@@ -22,7 +22,9 @@ map ``x -> p_K(...p_1(x))`` on the spectrum. The schedules differ only in ``(a_k
   quintics fitted for that start (:func:`aol_newton_schulz`).
 
 A schedule is a function ``(rows, cols, steps) -> list[(a, b, c)]`` so that shape-dependent
-tables (ROOT) fit in the same registry.
+tables (ROOT) fit in the same registry. On wide stacks every schedule can also run on the Gram
+matrix (:func:`iterate_gram_quintic`, fewer products, restarts for bf16); the measured dispatch
+decides per bucket.
 """
 
 from __future__ import annotations
@@ -207,15 +209,15 @@ def iterate_gram_quintic(
 
         Q_{k+1} = Q_k P_k, \\qquad R_{k+1} = P_k R_k P_k, \\qquad X_K = Q_K X_0,
 
-    all ``m x m`` products but the Gram and the final ``Q X`` (Gram–Newton–Schulz: Amsel, Chen,
-    Dao et al., 2026). ``P_k`` multiplies in through the GEMM epilogue (``a Q + Q Z``), so
+    all ``m x m`` products but the Gram and the final ``Q X`` (Gram Newton–Schulz, Dao AI Lab,
+    2026). ``P_k`` multiplies in through the GEMM epilogue (``a Q + Q Z``), so
     ``a I`` is never rounded into ``Z``.
 
     In bf16, ``R`` drifts from ``Q R_0 Q^T`` as rounding accumulates and grows spurious
     negative eigenvalues that the quintics amplify; at each step in ``restarts`` the iteration
     rebuilds ``X_k = Q_k X_0`` and ``R_k = X_k X_k^T`` (:func:`gram_restarts`). Five steps with
     restarts before steps 1 and 3 cost ``6 m^2 n + 11 m^3`` multiply-adds against
-    ``10 m^2 n + 5 m^3`` directly: 0.78x at ``n = 4m``, 0.71x at ``n = 8m``, more than 1x below
+    ``10 m^2 n + 5 m^3`` directly: 0.78x at ``n = 4m``, 0.69x at ``n = 8m``, more than 1x below
     ``n = 1.5m`` (:func:`gram_products`). ``X`` is wide and normalised, ``(m, n)`` or
     ``(k, m, n)``; ``gram`` is ``X X^T`` when the caller already has it (the AOL start).
     """
