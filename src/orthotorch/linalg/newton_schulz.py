@@ -152,14 +152,15 @@ def gram_restarts(steps: int) -> tuple[int, ...]:
     and no stretch on the Gram matrix is longer than two steps (the pattern measured below;
     longer stretches were not, and other step counts keep it rather than extrapolate).
 
-    Measured in bf16 with the Polar Express table on log-spaced spectra (condition numbers 1e3
-    and 1e6), low-rank-plus-noise and Gaussian inputs from 64x256 to 512x2048, two seeds each,
-    largest output singular value against the direct iteration's 1.142:
+    Measured in bf16 with the Polar Express table (``python benchmarks/gram_restarts.py``:
+    log-spaced spectra at condition numbers 1e3 and 1e6, low-rank-plus-noise and Gaussian
+    inputs from 64x256 to 512x2048, two seeds each), worst largest output singular value
+    against the direct iteration's 1.142:
 
-    - no restart: up to 4e7 (the Gram iteration diverges);
-    - one restart before step 3: 1.15 from 256x1024 up, but 6.6 at 64x256 (condition 1e6);
-    - one before step 2, or direct first steps then Gram: up to 2.3;
-    - before steps 2 and 4: up to 1.20; before steps 1 and 3: at most 1.155 everywhere.
+    - no restart: 6e7 (the Gram iteration diverges); before step 1 alone: 4883;
+    - one restart before step 3: 6.6 (at 64x256, condition 1e6; 1.15 from 256x1024 up);
+    - one before step 2: 2.3; before steps 2 and 4: 1.20;
+    - before steps 1 and 3: 1.154.
     """
     return tuple(range(1, steps, 2))
 
@@ -295,10 +296,11 @@ def aol_newton_schulz(
     )
 
 
-# Restarts of the AOL Gram route, measured like gram_restarts (bf16, 64x256 to 512x2048, four
-# spectra, two seeds; largest output singular value, direct 1.096): before step 1 alone 2.07,
-# before 2 alone 1.42, before 1 and 3 1.16, before 1 and 2 1.107. Only the last two steps run
-# on the Gram matrix: 6 m^2 n + 7 m^3 multiply-adds against 8 m^2 n + 4 m^3 (0.86x at n = 4m).
+# Restarts of the AOL Gram route, measured like gram_restarts (benchmarks/gram_restarts.py;
+# worst largest output singular value, direct 1.096): before step 1 alone 2.04, before 2 alone
+# 1.40, before 3 alone 78, before 1 and 3 1.165, before 1 and 2 1.108. Only the last two steps
+# run on the Gram matrix: 6 m^2 n + 7 m^3 multiply-adds against 8 m^2 n + 4 m^3 (0.86x at
+# n = 4m).
 AOL_GRAM_RESTARTS = (1, 2)
 
 
