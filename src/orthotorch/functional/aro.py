@@ -170,7 +170,8 @@ def _householder_q(A: Tensor) -> Tensor:
     return Q * signs.unsqueeze(-2)
 
 
-# Largest |Q^T Q - I| entry accepted from CholeskyQR2 before falling back to Householder.
+# Largest |Q^T Q - I| entry accepted from the shifted CholeskyQR before falling back to
+# Householder.
 CHOLESKY_QR_TOLERANCE = 1e-5
 
 

@@ -443,7 +443,7 @@ def run_stack(
     """
     if X.ndim != 3:
         raise ValueError(f"run_stack expects a (count, m, n) stack, got shape {tuple(X.shape)}")
-    variants = {} if variants is None else dict(variants)
+    variants = variants or {}
     if _CONFIG.forced is not None:
         return _run_plan(_CONFIG.forced, X, fn, compiled, variants)
     key = bucket_key(kernel, X)

@@ -309,18 +309,21 @@ def iterate_aol_gram(
 ) -> Tensor:
     """:func:`iterate_aol` on the Gram route (:func:`iterate_gram_quintic`), which starts from
     the AOL Gram ``D A D`` at no extra product."""
+    X, A = _aol_start(X, eps)
+    return iterate_gram_quintic(X, coefficients, restarts, gram=A)
+
+
+def _aol_start(X: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(D X, D A D)``: ``A = X X^T``, ``D`` the AOL row scaling (:func:`aol_newton_schulz`)."""
     A = X @ X.mT
     d = A.abs().sum(dim=-1, keepdim=True).clamp_min(eps).rsqrt()
-    return iterate_gram_quintic(X * d, coefficients, restarts, gram=A * d * d.mT)
+    return X * d, A * d * d.mT
 
 
 def iterate_aol(X: Tensor, coefficients: Sequence[Coefficients], eps: float = 1e-7) -> Tensor:
     """The AOL iteration on ``(m, n)`` or ``(k, m, n)`` (see :func:`aol_newton_schulz`)."""
     addmm = torch.baddbmm if X.ndim == 3 else torch.addmm
-    A = X @ X.mT
-    d = A.abs().sum(dim=-1, keepdim=True).clamp_min(eps).rsqrt()
-    X = X * d
-    A = A * d * d.mT
+    X, A = _aol_start(X, eps)
     (a, b, c), rest = coefficients[0], coefficients[1:]
     B = addmm(A, A, A, beta=b, alpha=c)
     X = addmm(X, B, X, beta=a)
