@@ -48,6 +48,10 @@ def exact_iteration(G: torch.Tensor, method: str) -> torch.Tensor:
     return (U * y.unsqueeze(-2)) @ Vh
 
 
+def plan_label(plan: tuple) -> str:
+    return f"{plan[0]}/{plan[2]}" + ("/gram" if plan[-1] == "gram" else "")
+
+
 def check_kernels(quick: bool) -> None:
     count, m, n = (4, 64, 128) if quick else (8, 512, 1024)
     G = torch.randn(count, m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -65,14 +69,13 @@ def check_kernels(quick: bool) -> None:
                 err = (out.double().cpu() - exact).abs().max().item()
                 # The Gram route rounds Q and R too: twice the direct route's bf16 error on CPU.
                 tol = 2 * tol if plan[-1] == "gram" else tol
-                label = f"{plan[0]}/{plan[2]}" + ("/gram" if plan[-1] == "gram" else "")
-                report(f"ns {method} {label} {str(dtype)[6:]}", err, tol)
+                report(f"ns {method} {plan_label(plan)} {str(dtype)[6:]}", err, tol)
     cpu = orthotorch.linalg.orthogonalize(G.float(), "aol", dtype=torch.float32)
     for plan in plans:
         with dispatch.forced(*plan):
             out = orthotorch.linalg.orthogonalize(G.float().cuda(), "aol", dtype=torch.float32)
-        label = f"{plan[0]}/{plan[2]}" + ("/gram" if plan[-1] == "gram" else "")
-        report(f"ns aol {label} vs CPU", (out.cpu() - cpu).abs().max().item(), 1e-3)
+        error = (out.cpu() - cpu).abs().max().item()
+        report(f"ns aol {plan_label(plan)} vs CPU", error, 1e-3)
     # Compiled: measured with compile candidates; then forced, against eager on the same device.
     X = G.cuda().bfloat16()
     start = time.perf_counter()

@@ -5,10 +5,11 @@ ARO's step on the H200 spends ~42 of its ~50 ms in ``geqrf`` + ``householder_pro
 candidates a device-side fix could use, on the same stack, with their orthogonality error and
 their distance to the Householder ``Q`` (signs fixed so that ``diag(T) > 0``):
 
-- ``householder``: ``geqrf`` + ``householder_product`` (what ARO runs today);
+- ``householder``: ``geqrf`` + ``householder_product`` (ARO's CPU route);
 - ``linalg.qr``: ``torch.linalg.qr`` (reduced);
 - ``cholqr2-f64``: CholeskyQR2 in float64 (``G = AᵀA``, ``L = chol(G)``, ``Q = A L⁻ᵀ``, twice);
   exact only for full-rank ``A`` (a rank-deficient momentum makes ``G`` singular);
+- ``shifted-cholqr3-f64``: ARO's route off the CPU (``functional.aro._shifted_cholesky_qr``);
 - ``cpu-roundtrip``: the Householder route on the CPU, with the copies.
 
     python benchmarks/qr_routes.py [--device cuda] [--count 24] [--size 512] [--quick]
@@ -22,11 +23,8 @@ import time
 
 import torch
 
-
-def householder(A):
-    H, tau = torch.geqrf(A)
-    Q = torch.linalg.householder_product(H, tau)
-    return Q * torch.where(H.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
+from orthotorch.functional.aro import _householder_q as householder
+from orthotorch.functional.aro import _shifted_cholesky_qr
 
 
 def linalg_qr(A):
@@ -40,6 +38,10 @@ def cholqr2_f64(A):
         L = torch.linalg.cholesky(Q.mT @ Q)
         Q = torch.linalg.solve_triangular(L.mT, Q, upper=True, left=False)
     return Q.to(A.dtype)
+
+
+def shifted_cholqr3_f64(A):
+    return _shifted_cholesky_qr(A)[0]
 
 
 def cpu_roundtrip(A):
@@ -63,6 +65,7 @@ def main() -> None:
         "householder": householder,
         "linalg.qr": linalg_qr,
         "cholqr2-f64": cholqr2_f64,
+        "shifted-cholqr3-f64": shifted_cholqr3_f64,
         "cpu-roundtrip": cpu_roundtrip,
     }
     reference = householder(A)
