@@ -15,3 +15,20 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def isolated_plans():
+    """The test starts without dispatch plans or disk cache and leaves the process's plans and
+    dispatch configuration as it found them."""
+    from dataclasses import replace
+
+    from orthotorch.linalg import dispatch
+
+    saved_plans, saved_config = dict(dispatch._PLANS), replace(dispatch._CONFIG)
+    dispatch.clear_plans()
+    dispatch.configure(cache_path=False)
+    yield
+    dispatch.clear_plans()
+    dispatch._PLANS.update(saved_plans)
+    vars(dispatch._CONFIG).update(vars(saved_config))

@@ -92,7 +92,7 @@ def test_param_cols_rejects_a_width_no_shape_packs_to() -> None:
 @pytest.mark.parametrize("path", ["cpu_loop", "batched", "2d", "cholesky"])
 def test_kernel_matches_reference_and_rotation_is_orthogonal(path: str, monkeypatch) -> None:
     """The packed kernel (per-matrix CPU loop, batched stack, single 2-D matrix, the
-    accelerators' CholeskyQR2 route forced on the CPU) equals the readable float64 reference,
+    accelerators' shifted CholeskyQR route forced on the CPU) equals the readable float64 reference,
     for tall and wide matrices, from a given rotation and from the zero (identity) state."""
     # Small matrices run batched; a zero threshold sends them through the loop instead.
     monkeypatch.setattr(aro_functional, "_CPU_LOOP_FROM", 0 if path == "cpu_loop" else 1 << 62)
@@ -142,19 +142,14 @@ def test_kernel_gives_one_result_under_every_dispatch_plan(plan: tuple[str, int]
         assert torch.allclose(aro_kernel(P), reference, atol=1e-5)
 
 
-def test_kernel_plan_is_measured_per_bucket() -> None:
+def test_kernel_plan_is_measured_per_bucket(isolated_plans) -> None:
     P = _packed_stack(3, (16, 24), seed=1)
-    saved = dict(dispatch._PLANS)
-    try:
-        with dispatch.measuring():
-            out = aro_kernel(P, dtype=torch.bfloat16)
-        (row,) = dispatch.last_measured()
-        assert row["kernel"] == "aro5-bfloat16" and row["count"] == 3
-        with dispatch.forced("batched"):
-            assert torch.allclose(out, aro_kernel(P, dtype=torch.bfloat16), atol=1e-2)
-    finally:
-        dispatch.clear_plans()
-        dispatch._PLANS.update(saved)
+    with dispatch.measuring():
+        out = aro_kernel(P, dtype=torch.bfloat16)
+    (row,) = dispatch.last_measured()
+    assert row["kernel"] == "aro5-bfloat16" and row["count"] == 3
+    with dispatch.forced("batched"):
+        assert torch.allclose(out, aro_kernel(P, dtype=torch.bfloat16), atol=1e-2)
 
 
 def test_cholesky_qr_route_matches_householder_and_falls_back() -> None:

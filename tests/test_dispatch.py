@@ -37,17 +37,8 @@ def plan_id(plan: tuple) -> str:
     return f"{plan[0]}{plan[1]}-{plan[2]}" + (f"-{plan[4]}" if len(plan) > 4 else "")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_plans():
-    """Each test starts without plans or disk cache and leaves none behind."""
-    saved = dict(dispatch._PLANS)
-    config = (dispatch._CONFIG.measure, dispatch._CONFIG.compile, dispatch._CONFIG.cache_path)
-    dispatch.clear_plans()
-    dispatch.configure(cache_path=False)
-    yield
-    dispatch.clear_plans()
-    dispatch._PLANS.update(saved)
-    dispatch._CONFIG.measure, dispatch._CONFIG.compile, dispatch._CONFIG.cache_path = config
+# Each test starts without plans or disk cache and leaves none behind (conftest.py).
+pytestmark = pytest.mark.usefixtures("isolated_plans")
 
 
 def exact_iteration(G: torch.Tensor, method: str) -> torch.Tensor:
@@ -316,14 +307,11 @@ def test_measurement_can_choose_the_gram_route(monkeypatch: pytest.MonkeyPatch) 
         direct = ns.newton_schulz(X, ns.POLAR_EXPRESS_COEFFICIENTS)
     assert (out - direct).abs().max() < 1e-4  # float32: the same iteration up to rounding
     assert torch.equal(ns.newton_schulz(X, ns.POLAR_EXPRESS_COEFFICIENTS), out)  # plan reused
-    dispatch.configure(variants=False)
-    try:
-        with dispatch.measuring():
-            ns.newton_schulz(X, ns.POLAR_EXPRESS_COEFFICIENTS)
-        (row,) = dispatch.last_measured()
-        assert "gram" not in row["plan"]
-    finally:
-        dispatch.configure(variants=True)
+    dispatch.configure(variants=False)  # restored by the isolated_plans fixture
+    with dispatch.measuring():
+        ns.newton_schulz(X, ns.POLAR_EXPRESS_COEFFICIENTS)
+    (row,) = dispatch.last_measured()
+    assert "gram" not in row["plan"]
     with pytest.raises(ValueError, match="variants must be a bool"):
         dispatch.configure(variants="no")
 

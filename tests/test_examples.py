@@ -50,14 +50,13 @@ GLOO_EXIT_ABORT = "terminate called without an active exception"
 def run(path: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     cmd = command(path)
-    result = subprocess.run(
-        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-    )
-    distributed = "torch.distributed.run" in cmd
-    if distributed and result.returncode != 0 and GLOO_EXIT_ABORT in result.stderr:
+    attempts = 2 if "torch.distributed.run" in cmd else 1
+    for _ in range(attempts):
         result = subprocess.run(
             cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
         )
+        if result.returncode == 0 or GLOO_EXIT_ABORT not in result.stderr:
+            break
     return result
 
 
